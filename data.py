@@ -1,0 +1,846 @@
+"""Behaviour logs -> validated events -> vocabulary -> per-user CSR sequences -> padded numpy batches.
+
+Two input formats map onto one events table (columns and dtypes below):
+- Alibaba Tianchi mobile recommendation: header `user_id,item_id,behavior_type,user_geohash,item_category,time`,
+  behaviour 1..4, time 'YYYY-MM-DD HH' (already China local time).
+- Taobao UserBehavior: no header, `user_id,item_id,category_id,behavior_type,timestamp`, behaviour
+  pv/fav/cart/buy, unix seconds (converted to China time, UTC+8).
+
+    events, report = read_events('DATA/train_user')         # DataFrame + LoadReport (skipped rows by reason)
+    vocab = Vocab.fit(events)                                # item/category tables, time normalisation
+    seqs = build_sequences(events, vocab)                    # CSR: offsets + flat per-event features
+    batch = seqs.batch(seqs.trainable[:64], 'long', N_MIN, N_MAX)   # dict of padded numpy arrays
+
+Batch contract (shared with the model): integer features 0 = padding; item/category 1 = unknown;
+weekday 1..7 (Monday = 1); hour 1..24; weekend 1/2; behaviour 1..4; `time` float32 (B, L, 2) =
+[time since the training log's start, time to its end] in [0, 1]; `mask` True = real event.
+Events are right-padded, oldest -> newest, and the most recent ones are kept when truncating.
+
+No torch here. Nothing loops over rows or users in Python: the real log has 12-23M rows.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+# sequence lengths (the batch contract): long part padded to >= N_MIN, cut to <= N_MAX, short part K_MIN/K_MAX
+N_MIN, N_MAX = 100, 200
+K_MIN, K_MAX = 10, 20
+PAD, UNKNOWN = 0, 1                 # reserved indices in the item and category tables
+
+# Items seen fewer than MIN_ITEM_COUNT times in the training events share the UNKNOWN row.
+# Chosen by measurement (`item_coverage`; `python bench.py --only data` prints the tables): fit on all
+# but the last day, then count the table rows and the share of the last day's events whose item is in
+# the table. On a 12M-row generated log with the real file's long tail (~20% of rows a distinct item,
+# ~56% of items seen once):
+#   min count          1       2       3       5      10
+#   table rows     2.35M   1.03M   0.61M   0.35M   0.19M   (x 128 floats x 3 with Adam: 3.4 / 1.5 / 0.9 / 0.5 / 0.3 GB)
+#   next-day cover 85.4%   79.7%   76.1%   71.3%   63.8%   (85.4% = items seen at all before)
+# 3 is the elbow: the table shrinks 3.9x and stays under ~2 GB with Adam state even at the real file's
+# 23M rows, while keeping 89% of the achievable next-day coverage; 2 only halves the table for +3.6
+# points, and 5 saves 0.4 GB more for -4.8 points. Items seen once or twice also get too few gradient
+# steps to learn anything but an id for memorising one user. The real samples are too small to decide
+# this (the UserBehavior one holds 815 of 988k users: 75% of its items occur once and only 32% of its
+# last day's events hit an item seen before at all); the bench prints their tables too.
+MIN_ITEM_COUNT = 3
+# t_min/t_max are the TIME_TRIM and 1 - TIME_TRIM quantiles of the training hours rather than the
+# raw min/max, so a few stray rows (the UserBehavior sample has one from 2017-09-11, 2.5 months before
+# the rest) cannot squash every other event into a corner of [0, 1]. Times outside [t_min, t_max]
+# are clipped: earlier events read as the log's start (0, 1), later ones - e.g. a newer log's -
+# as its end (1, 0).
+TIME_TRIM = 0.0005
+# hours outside this range are rejected as 'time out of range' (a truncated unix timestamp lands in 1970)
+VALID_TIME = (np.datetime64('2000-01-01', 'h').astype(np.int64), np.datetime64('2100-01-01', 'h').astype(np.int64))
+CHUNK_ROWS = 1 << 21                # rows per parser chunk: bounds memory and drives the progress bar
+
+TIANCHI_FILE = 'tianchi_mobile_recommend_train_user.csv'
+TIANCHI_COLUMNS = ['user_id', 'item_id', 'behavior_type', 'user_geohash', 'item_category', 'time']
+TIANCHI_USED = ['user_id', 'item_id', 'behavior_type', 'item_category', 'time']
+USERBEHAVIOR_COLUMNS = ['user_id', 'item_id', 'category_id', 'behavior_type', 'timestamp']
+BEHAVIOR_CODES = {'pv': 1, 'fav': 2, 'cart': 3, 'buy': 4}
+_BEHAVIOR_TEXT = BEHAVIOR_CODES | {'1': 1, '2': 2, '3': 3, '4': 4}     # UserBehavior copies with numeric codes
+EVENT_COLUMNS = ['user_id', 'item_id', 'category_id', 'behavior', 'hour']
+FORMATS = ('auto', 'tianchi', 'userbehavior')
+# reasons a row is skipped, in priority order (a row is counted once, under its first reason)
+REASONS = ('empty line', 'too many fields', 'truncated line', 'missing field', 'non-integer id',
+           'bad behavior', 'unparsable time', 'time out of range')
+FEATURES = ('item', 'category', 'weekday', 'hour', 'weekend', 'behavior')
+PARTS = ('long', 'short', 'all')
+_EXPECTED = {
+    'tianchi': 'a Tianchi log: header "user_id,item_id,behavior_type,user_geohash,item_category,time", '
+               'behavior_type 1..4, time "YYYY-MM-DD HH"',
+    'userbehavior': 'a Taobao UserBehavior log: no header, rows "user_id,item_id,category_id,behavior_type,'
+                    'timestamp", behavior_type pv/fav/cart/buy, unix seconds',
+}
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and validation
+
+
+@dataclass
+class LoadReport:
+    """What `read_events` found in a file."""
+    path: str
+    format: str
+    rows_read: int = 0                   # data lines seen (header excluded)
+    rows_kept: int = 0                   # rows in the returned events
+    skipped: dict = field(default_factory=dict)    # reason -> count
+    duplicate_rows: int = 0              # rows that exactly repeat an earlier valid row
+    duplicates_dropped: int = 0
+    seconds: float = 0.0
+    slow_path: bool = False              # typed parse failed (non-numeric text); re-read as strings
+
+    def summary(self) -> str:
+        n_skip = sum(self.skipped.values())
+        lines = [f'read {self.path} ({self.format}): {self.rows_read:,} rows, kept {self.rows_kept:,} '
+                 f'in {self.seconds:.1f} s']
+        if n_skip:
+            detail = ', '.join(f'{r}: {c:,}' for r, c in self.skipped.items())
+            lines.append(f'  skipped {n_skip:,} malformed rows ({detail})')
+        else:
+            lines.append('  no malformed rows')
+        share = self.duplicate_rows / max(1, self.rows_read - n_skip)
+        what = 'dropped (--dedupe)' if self.duplicates_dropped else 'kept (--dedupe drops them)'
+        lines.append(f'  exact duplicate rows: {self.duplicate_rows:,} ({share:.1%}), {what}')
+        if self.slow_path:
+            lines.append('  note: non-numeric text in a numeric column; the file was re-read on the slow path')
+        return '\n'.join(lines)
+
+
+def resolve_log_path(data_path: str) -> str:
+    """A log file, or the folder holding it: the Tianchi file name first, else the single *.csv(.gz)."""
+    data_path = os.fspath(data_path)
+    if os.path.isfile(data_path):
+        return data_path
+    if not os.path.isdir(data_path):
+        raise DataError(f'{data_path}: no such file or folder (expected a behaviour log CSV or a folder holding one)')
+    for name in (TIANCHI_FILE, TIANCHI_FILE + '.gz'):
+        if os.path.isfile(os.path.join(data_path, name)):
+            return os.path.join(data_path, name)
+    found = sorted(f for f in os.listdir(data_path)
+                   if f.endswith(('.csv', '.csv.gz')) and not f.startswith('.')
+                   and os.path.isfile(os.path.join(data_path, f)))
+    if len(found) == 1:
+        return os.path.join(data_path, found[0])
+    if not found:
+        raise DataError(f'{data_path}: folder holds no {TIANCHI_FILE}(.gz) and no other *.csv / *.csv.gz file')
+    raise DataError(f'{data_path}: folder holds several CSV files ({", ".join(found)}) and no {TIANCHI_FILE}; '
+                    'pass the file itself')
+
+
+def _open_binary(path: str):
+    """(handle for the parser, raw file handle whose tell() tracks progress)."""
+    raw = open(path, 'rb')
+    if path.endswith('.gz'):
+        return gzip.GzipFile(fileobj=raw, mode='rb'), raw
+    return raw, raw
+
+
+def _first_line(path: str) -> str:
+    handle, raw = _open_binary(path)
+    try:
+        data = handle.read(1 << 16)
+    except (OSError, EOFError) as e:
+        raise DataError(f'{path}: cannot read ({e})') from None
+    finally:
+        handle.close()
+        raw.close()
+    text = data.decode('utf-8-sig', errors='replace')
+    if not text.strip():
+        raise DataError(f'{path}: file is empty (expected {_EXPECTED["tianchi"]}, or {_EXPECTED["userbehavior"]})')
+    return text.lstrip('\r\n').splitlines()[0]
+
+
+def _detect_format(path: str, data_format: str) -> tuple[str, bool]:
+    """(format, has_header) from the first line; DataError naming what was expected otherwise."""
+    if data_format not in FORMATS:
+        raise ValueError(f'data_format must be one of {FORMATS}, got {data_format!r}')
+    line = _first_line(path)
+    fields = [f.strip().strip('"').lower() for f in line.split(',')]
+    looks_tianchi = set(TIANCHI_USED) <= set(fields)
+    is_ub_header = fields == USERBEHAVIOR_COLUMNS
+    looks_ub_row = (len(fields) == 5 and fields[3] in BEHAVIOR_CODES
+                    and all(re.fullmatch(r'-?\d+', f) for f in fields[:3]))
+    if data_format in ('auto', 'tianchi') and looks_tianchi:
+        return 'tianchi', True
+    if data_format in ('auto', 'userbehavior') and (is_ub_header or looks_ub_row):
+        return 'userbehavior', is_ub_header
+    if data_format == 'userbehavior' and len(fields) == 5 and not any(re.search('[a-z_]{4,}', f) for f in fields[:3]):
+        return 'userbehavior', False      # odd first row: let row validation count it
+    shown = line if len(line) <= 120 else line[:120] + '...'
+    if data_format == 'tianchi' or (data_format == 'auto' and any(f in TIANCHI_COLUMNS for f in fields)):
+        missing = [c for c in TIANCHI_USED if c not in fields]
+        raise DataError(f'{path}: header lacks column(s) {", ".join(missing)}; expected {_EXPECTED["tianchi"]} '
+                        f'(first line: {shown!r})')
+    if data_format == 'userbehavior':
+        raise DataError(f'{path}: first line does not look like {_EXPECTED["userbehavior"]} (first line: {shown!r})')
+    raise DataError(f'{path}: unrecognised log format; expected {_EXPECTED["tianchi"]}, or '
+                    f'{_EXPECTED["userbehavior"]} (first line: {shown!r})')
+
+
+def _parse_tianchi_times(values: pd.Index) -> np.ndarray:
+    """Distinct time strings -> hours since 1970 (float, NaN when unparsable)."""
+    dt = pd.to_datetime(values, format='%Y-%m-%d %H', errors='coerce')
+    bad = dt.isna()
+    if bad.any():            # tolerate 'YYYY-MM-DD HH:MM[:SS]' (floored to the hour)
+        dt = dt.where(~bad, pd.to_datetime(values, format='ISO8601', errors='coerce'))
+    out = dt.values.astype('datetime64[h]').astype(np.int64).astype(np.float64)
+    out[dt.isna()] = np.nan
+    return out
+
+
+def _int_column(s: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A parsed column -> (int64 values, missing mask, non-integer mask)."""
+    if isinstance(s.dtype, pd.Int64Dtype):                  # fast path: the C parser already checked
+        return s.to_numpy(dtype=np.int64, na_value=0), s.isna().to_numpy(), np.zeros(len(s), bool)
+    st = s.astype(object).where(s.notna(), None).astype('str').str.strip()   # slow path: strings
+    missing = (st.isna() | (st == '')).to_numpy()
+    ok = st.str.fullmatch(r'[+-]?\d{1,18}(\.0*)?').fillna(False).to_numpy(bool) & ~missing
+    vals = np.zeros(len(s), np.int64)
+    vals[ok] = st[ok].str.replace(r'\.0*$', '', regex=True).astype(np.int64).to_numpy()
+    return vals, missing, ~missing & ~ok
+
+
+def _validate_chunk(df: pd.DataFrame, fmt: str) -> tuple[dict, np.ndarray, np.ndarray, list]:
+    """Parsed chunk -> (event columns as numpy, reason code per row (0 = ok, k = REASONS[k-1]),
+    index into the returned column names of the field each reason is about (-1: whole line), those names)."""
+    cols = USERBEHAVIOR_COLUMNS if fmt == 'userbehavior' else TIANCHI_USED
+    n = len(df)
+    code = np.zeros(n, np.int8)
+    where = np.full(n, -1, np.int16)               # which column the reason is about (for messages)
+
+    def mark(mask: np.ndarray, reason: str, col: int = -1) -> None:
+        r = REASONS.index(reason) + 1
+        hit = mask & ((code == 0) | (code > r))
+        code[hit] = r
+        where[hit] = col
+
+    ids = {}
+    id_cols = ['user_id', 'item_id', 'category_id' if fmt == 'userbehavior' else 'item_category']
+    all_missing = np.ones(n, bool)
+    for c in cols:
+        all_missing &= df[c].isna().to_numpy()
+    last_col = 'timestamp' if fmt == 'userbehavior' else 'time'
+    mark(all_missing, 'empty line')
+    mark(df[last_col].isna().to_numpy() & ~all_missing, 'truncated line', cols.index(last_col))
+    for c in id_cols:
+        vals, missing, nonint = _int_column(df[c])
+        ids[c] = vals
+        mark(missing, 'missing field', cols.index(c))
+        mark(nonint, 'non-integer id', cols.index(c))
+
+    b = df['behavior_type']
+    if fmt == 'userbehavior':
+        if isinstance(b.dtype, pd.CategoricalDtype):
+            cats = pd.Index(b.cat.categories.astype(str).str.strip().str.lower())
+            table = np.array([_BEHAVIOR_TEXT.get(x, 0) for x in cats] + [0], np.int64)
+            beh = table[b.cat.codes.to_numpy()]          # code -1 (missing) -> last slot -> 0
+        else:
+            low = b.astype(object).where(b.notna(), None).astype('str').str.strip().str.lower()
+            beh = low.map(_BEHAVIOR_TEXT).fillna(0).to_numpy(np.int64)
+        bmissing = b.isna().to_numpy()
+        mark(bmissing, 'missing field', cols.index('behavior_type'))
+        mark(~bmissing & (beh == 0), 'bad behavior', cols.index('behavior_type'))
+        ts, tmissing, tnonint = _int_column(df['timestamp'])
+        mark(tnonint, 'unparsable time', cols.index('timestamp'))
+        hour = np.floor_divide(ts + 8 * 3600, 3600)          # China time, UTC+8
+    else:
+        beh, bmissing, bnonint = _int_column(b)
+        mark(bmissing, 'missing field', cols.index('behavior_type'))
+        mark(bnonint | (~bmissing & ((beh < 1) | (beh > 4))), 'bad behavior', cols.index('behavior_type'))
+        t = df['time']
+        if not isinstance(t.dtype, pd.CategoricalDtype):
+            t = t.astype('category')
+        hours_of_cat = np.append(_parse_tianchi_times(pd.Index(t.cat.categories.astype(str))), np.nan)
+        hf = hours_of_cat[t.cat.codes.to_numpy()]
+        tmissing = t.isna().to_numpy()
+        mark(~tmissing & np.isnan(hf), 'unparsable time', cols.index('time'))
+        hour = np.nan_to_num(hf, nan=0.0).astype(np.int64)
+    # lowest priority: rows already marked for another reason keep it
+    mark((hour < VALID_TIME[0]) | (hour >= VALID_TIME[1]), 'time out of range', cols.index(last_col))
+    out = {'user_id': ids['user_id'], 'item_id': ids['item_id'], 'category_id': ids[id_cols[2]],
+           'behavior': beh.astype(np.int8, copy=False), 'hour': hour}
+    return out, code, where, cols
+
+
+_SKIP_RE = re.compile(r'Skipping line (\d+)')
+
+
+def _line_of_row(row: int, header_lines: int, skipped_lines: np.ndarray) -> int:
+    """1-based file line of parsed data row `row` (0-based), given lines the parser skipped."""
+    line = header_lines + row + 1
+    k = 0
+    while True:
+        k2 = int(np.searchsorted(skipped_lines, line + k, side='right'))
+        if k2 == k:
+            return line + k
+        k = k2
+
+
+def _reader(handle, fmt: str, has_header: bool, typed: bool):
+    kw = dict(engine='c', chunksize=CHUNK_ROWS, compression=None, skip_blank_lines=False, quoting=csv.QUOTE_NONE,
+              on_bad_lines='warn', encoding='utf-8', encoding_errors='replace')
+    if fmt == 'tianchi':
+        dtype = {c: 'Int64' for c in ('user_id', 'item_id', 'behavior_type', 'item_category')} | {'time': 'category'}
+        if not typed:
+            dtype = {c: str for c in TIANCHI_USED}
+        # usecols skips the geohash column (reading it costs 10x the rest); fields past the
+        # header's are then ignored by the C parser rather than reported
+        return pd.read_csv(handle, header=0, usecols=TIANCHI_USED, dtype=dtype, **kw)
+    dtype = {'user_id': 'Int64', 'item_id': 'Int64', 'category_id': 'Int64',
+             'behavior_type': 'category', 'timestamp': 'Int64'}
+    if not typed:
+        dtype = {c: str for c in USERBEHAVIOR_COLUMNS}
+    return pd.read_csv(handle, header=0 if has_header else None, names=USERBEHAVIOR_COLUMNS,
+                       dtype=dtype, **kw)
+
+
+def _show(value) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return '<missing>'
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class _TypedParseFailed(Exception):
+    pass
+
+
+def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: bool, progress: bool):
+    """Stream the file in chunks -> (column arrays, rows_read, skipped counts)."""
+    handle, raw = _open_binary(path)
+    size = os.path.getsize(path)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=size, unit='B', unit_scale=True, desc=f'reading {os.path.basename(path)}',
+                   file=sys.stderr, leave=False)
+    parts = {c: [] for c in EVENT_COLUMNS}
+    counts = np.zeros(len(REASONS) + 1, np.int64)
+    skipped_lines: list[int] = []
+    n_rows = 0
+    header_lines = 1 if has_header else 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', pd.errors.ParserWarning)
+            reader = _reader(handle, fmt, has_header, typed)
+            while True:
+                try:
+                    chunk = next(reader)
+                except StopIteration:
+                    break
+                except (ValueError, TypeError, OverflowError) as e:
+                    if typed:
+                        raise _TypedParseFailed() from e
+                    raise DataError(f'{path}: cannot parse as {_EXPECTED[fmt]} ({e})') from None
+                new_lines = [int(m) for w in caught for m in _SKIP_RE.findall(str(w.message))]
+                caught.clear()
+                skipped_lines.extend(new_lines)
+                cols, code, where, names = _validate_chunk(chunk, fmt)
+                if strict and (code.any() or new_lines):
+                    sl = np.array(sorted(skipped_lines), np.int64)
+                    cands = [(ln, 'too many fields', '') for ln in new_lines]
+                    if code.any():
+                        r = int(np.flatnonzero(code)[0])
+                        c = int(where[r])
+                        detail = '' if c < 0 else f' ({names[c]}={_show(chunk[names[c]].iloc[r])})'
+                        cands.append((_line_of_row(n_rows + r, header_lines, sl), REASONS[code[r] - 1], detail))
+                    ln, reason, detail = min(cands)
+                    raise DataError(f'{path}: line {ln}: {reason}{detail}; expected {_EXPECTED[fmt]} '
+                                    '(drop --strict to skip and count such rows)')
+                counts += np.bincount(code, minlength=len(REASONS) + 1)
+                counts[REASONS.index('too many fields') + 1] += len(new_lines)
+                ok = code == 0
+                for c in EVENT_COLUMNS:
+                    parts[c].append(cols[c][ok] if code.any() else cols[c])
+                n_rows += len(chunk)
+                if bar is not None:
+                    bar.update(raw.tell() - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+        handle.close()
+        raw.close()
+    rows_read = n_rows + int(counts[REASONS.index('too many fields') + 1])
+    skipped = {r: int(counts[i + 1]) for i, r in enumerate(REASONS) if counts[i + 1]}
+    dtypes = {'user_id': np.int64, 'item_id': np.int64, 'category_id': np.int64, 'behavior': np.int8,
+              'hour': np.int64}
+    arrays = {c: (np.concatenate(parts[c]) if parts[c] else np.zeros(0, dtypes[c])).astype(dtypes[c], copy=False)
+              for c in EVENT_COLUMNS}
+    return arrays, rows_read, skipped
+
+
+def _row_hash(events: pd.DataFrame) -> np.ndarray:
+    """A well-mixed 64-bit hash of each row's EVENT_COLUMNS (multiply-xor, then a murmur3 finaliser)."""
+    with np.errstate(over='ignore'):
+        h = events['user_id'].to_numpy().astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= events['item_id'].to_numpy().astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+        h ^= events['category_id'].to_numpy().astype(np.uint64) * np.uint64(0x165667B19E3779F9)
+        hb = events['hour'].to_numpy().astype(np.uint64) << np.uint64(3)
+        hb |= events['behavior'].to_numpy().astype(np.uint64)
+        hb *= np.uint64(0xD6E8FEB86659FD93)
+        h ^= hb
+        del hb
+        for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+            h ^= h >> np.uint64(33)
+            h *= np.uint64(mult)
+        h ^= h >> np.uint64(33)
+    return h
+
+
+def duplicate_mask(events: pd.DataFrame) -> np.ndarray:
+    """True for rows that exactly repeat an earlier row (all of EVENT_COLUMNS equal); exact.
+
+    One plain sort instead of a hash table (which is slow with ~10M distinct rows): each row becomes
+    (top bits of its hash | row number) in one uint64, so after np.sort rows with equal hash prefix sit
+    together, earliest first. Every later row of a group is compared field by field with the group's
+    first row; the rare groups where that fails (two different rows sharing a hash prefix) are
+    resolved exactly with pandas on just their rows.
+    """
+    n = len(events)
+    dup = np.zeros(n, bool)
+    if n < 2:
+        return dup
+    idx_bits = max(1, int(n - 1).bit_length())
+    low = np.uint64((1 << idx_bits) - 1)
+    key = _row_hash(events)
+    key &= ~low
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort()
+    row = (key & low).astype(np.int64)                     # row numbers, grouped by hash prefix
+    key >>= np.uint64(idx_bits)
+    later = np.empty(n, bool)                               # sorted position is not its group's first
+    np.equal(key[1:], key[:-1], out=later[1:])
+    later[0] = False
+    del key
+    if not later.any():
+        return dup
+    group_first = row[np.maximum.accumulate(np.where(later, 0, np.arange(n)))]
+    cand, first = row[later], group_first[later]
+    same = np.ones(cand.size, bool)
+    for c in EVENT_COLUMNS:
+        v = events[c].to_numpy()
+        same &= v[cand] == v[first]
+    dup[cand[same]] = True
+    if not same.all():                                     # hash-prefix collision: settle those groups exactly
+        bad_groups = np.unique(first[~same])
+        rows = np.sort(row[np.isin(group_first, bad_groups)])
+        dup[rows] = events.iloc[rows].duplicated(subset=EVENT_COLUMNS, keep='first').to_numpy()
+    return dup
+
+
+def read_events(data_path: str, data_format: str = 'auto', strict: bool = False, dedupe: bool = False,
+                progress: bool = True) -> tuple[pd.DataFrame, LoadReport]:
+    """Read and validate a behaviour log.
+
+    Args:
+        data_path: the log file (.csv or .csv.gz), or a folder holding `tianchi_mobile_recommend_train_user.csv`
+            (or .csv.gz), else exactly one *.csv / *.csv.gz.
+        data_format: 'auto' (from the first line), 'tianchi' or 'userbehavior'.
+        strict: raise DataError at the first malformed row (naming its 1-based file line and reason)
+            instead of skipping and counting it.
+        dedupe: drop rows that exactly repeat an earlier row (they are counted either way). Duplicates are
+            judged on the kept fields (ids, behaviour, hour); the unread geohash does not count.
+        progress: show a progress bar (stderr) while reading.
+
+    Returns:
+        events: DataFrame in file order with user_id, item_id, category_id (int64, raw ids), behavior
+            (int8, 1 view .. 4 buy) and hour (int64, hours since 1970-01-01 00:00 China local time).
+        report: LoadReport (rows read/kept, skipped rows by reason, duplicates).
+
+    Raises:
+        DataError: missing file, empty file, missing or renamed columns, unrecognised format, no valid rows,
+            or (strict) a malformed row.
+    """
+    t0 = time.perf_counter()
+    path = resolve_log_path(data_path)
+    fmt, has_header = _detect_format(path, data_format)
+    slow = False
+    try:
+        arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress)
+    except _TypedParseFailed:
+        # some numeric field holds non-numeric text: re-read as strings and validate every value
+        slow = True
+        arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress)
+    except EOFError as e:
+        raise DataError(f'{path}: compressed file is cut short ({e})') from None
+    if rows_read == 0:
+        raise DataError(f'{path}: no data rows (expected {_EXPECTED[fmt]})')
+    events = pd.DataFrame(arrays, columns=EVENT_COLUMNS)
+    if len(events) == 0:
+        raise DataError(f'{path}: no valid rows among {rows_read:,} (skipped: {skipped}); expected {_EXPECTED[fmt]}')
+    dup = duplicate_mask(events)
+    n_dup = int(dup.sum())
+    if dedupe and n_dup:
+        events = events.loc[~dup].reset_index(drop=True)
+    report = LoadReport(path=path, format=fmt, rows_read=rows_read, rows_kept=len(events), skipped=skipped,
+                        duplicate_rows=n_dup, duplicates_dropped=n_dup if dedupe else 0,
+                        seconds=time.perf_counter() - t0, slow_path=slow)
+    return events, report
+
+
+def split_at_hour(events: pd.DataFrame, cutoff_hour: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(events before cutoff_hour, events at or after it), each in file order."""
+    before = events['hour'].to_numpy() < cutoff_hour
+    return events.loc[before].reset_index(drop=True), events.loc[~before].reset_index(drop=True)
+
+
+def last_days_cutoff(events: pd.DataFrame, n_days: int = 1) -> int:
+    """Hour at which the log's last `n_days` calendar days (China time) begin."""
+    last_day = int(events['hour'].max()) // 24
+    return (last_day - n_days + 1) * 24
+
+
+def hour_to_str(hour: int) -> str:
+    """Hours since 1970 (local) -> 'YYYY-MM-DD HH'."""
+    return str(np.datetime64(int(hour), 'h')).replace('T', ' ')
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary
+
+
+def _count_sorted(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values and counts, most frequent first (ties: smaller raw id first)."""
+    uniq, counts = np.unique(np.asarray(raw, dtype=np.int64), return_counts=True)   # a sort: faster than
+    order = np.lexsort((uniq, -counts))                                              # hashing ~1M distinct ids
+    return uniq[order], counts[order]
+
+
+@dataclass(eq=False)
+class Vocab:
+    """Raw item/category ids -> table indices, plus the time normalisation of the training log.
+
+    Index 0 is padding and 1 the shared unknown row; known ids get 2.. in order of training
+    frequency (most frequent first). Users are not in the vocabulary: sequences keep raw user ids,
+    so users first seen in a newer log still get sequences.
+
+    Attributes:
+        items: raw ids of the kept items; items[k] has index k + 2.
+        item_counts: their training counts.
+        categories, category_counts: same for categories (every training category is kept).
+        t_min, t_max: hours (since 1970, local) that map to 0 and 1 in the time features.
+        min_item_count: items seen fewer times in training share index 1.
+        n_events, n_distinct_items: size of the training events it was fitted on.
+    """
+    items: np.ndarray
+    item_counts: np.ndarray
+    categories: np.ndarray
+    category_counts: np.ndarray
+    t_min: int
+    t_max: int
+    min_item_count: int = MIN_ITEM_COUNT
+    n_events: int = 0
+    n_distinct_items: int = 0
+    _index_cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    VERSION = 1
+
+    @property
+    def n_items(self) -> int:
+        """Item table size, including pad (0) and unknown (1)."""
+        return len(self.items) + 2
+
+    @property
+    def n_categories(self) -> int:
+        """Category table size, including pad (0) and unknown (1)."""
+        return len(self.categories) + 2
+
+    @classmethod
+    def fit(cls, events: pd.DataFrame, min_item_count: int = MIN_ITEM_COUNT, time_trim: float = TIME_TRIM) -> 'Vocab':
+        """Fit on training events (the output of `read_events`, possibly cut at an hour)."""
+        if len(events) == 0:
+            raise DataError('cannot fit a vocabulary on zero events')
+        if min_item_count < 1:
+            raise ValueError(f'min_item_count must be >= 1, got {min_item_count}')
+        if not 0.0 <= time_trim < 0.5:
+            raise ValueError(f'time_trim must be in [0, 0.5), got {time_trim}')
+        items, item_counts = _count_sorted(events['item_id'].to_numpy())
+        keep = item_counts >= min_item_count
+        cats, cat_counts = _count_sorted(events['category_id'].to_numpy())
+        hours = events['hour'].to_numpy()
+        if time_trim > 0:
+            t_min = int(np.quantile(hours, time_trim, method='lower'))
+            t_max = int(np.quantile(hours, 1.0 - time_trim, method='higher'))
+        else:
+            t_min, t_max = int(hours.min()), int(hours.max())
+        return cls(items=items[keep], item_counts=item_counts[keep], categories=cats, category_counts=cat_counts,
+                   t_min=t_min, t_max=t_max, min_item_count=int(min_item_count), n_events=len(events),
+                   n_distinct_items=len(items))
+
+    def _lookup(self, name: str) -> pd.Index:
+        if name not in self._index_cache:
+            self._index_cache[name] = pd.Index(getattr(self, name))
+        return self._index_cache[name]
+
+    def _encode(self, name: str, raw) -> np.ndarray:
+        idx = self._lookup(name).get_indexer(np.asarray(raw, dtype=np.int64)).astype(np.int64, copy=False)
+        idx += 2                                   # known k -> k + 2; not found (-1) -> 1 = UNKNOWN
+        return idx
+
+    def encode_items(self, raw) -> np.ndarray:
+        """Raw item ids -> indices (int64): 2.. known, 1 unseen or rare."""
+        return self._encode('items', raw)
+
+    def encode_categories(self, raw) -> np.ndarray:
+        """Raw category ids -> indices (int64): 2.. known, 1 unseen."""
+        return self._encode('categories', raw)
+
+    def time_features(self, hours) -> np.ndarray:
+        """Hours since 1970 -> float32 (N, 2): [since t_min, to t_max] / span, clipped to [0, 1]."""
+        h = np.asarray(hours, dtype=np.int64).ravel()
+        span = np.float32(max(self.t_max - self.t_min, 1))
+        out = np.empty((h.size, 2), np.float32)
+        out[:, 0] = h - self.t_min                         # small integers: exact in float32
+        np.subtract(np.float32(self.t_max - self.t_min), out[:, 0], out=out[:, 1])
+        out /= span
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+    def save(self, path: str) -> None:
+        """Write to `path` (conventionally <save dir>/vocab.npz) atomically: temp file, then os.replace."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                np.savez(f, version=np.int64(self.VERSION), items=self.items, item_counts=self.item_counts,
+                         categories=self.categories, category_counts=self.category_counts,
+                         scalars=np.array([self.t_min, self.t_max, self.min_item_count, self.n_events,
+                                           self.n_distinct_items], np.int64))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str) -> 'Vocab':
+        """Read a vocabulary written by `save`."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z['version']) != cls.VERSION:
+                    raise DataError(f'{path}: vocabulary version {int(z["version"])}, this code reads {cls.VERSION}')
+                s = z['scalars']
+                return cls(items=z['items'], item_counts=z['item_counts'], categories=z['categories'],
+                           category_counts=z['category_counts'], t_min=int(s[0]), t_max=int(s[1]),
+                           min_item_count=int(s[2]), n_events=int(s[3]), n_distinct_items=int(s[4]))
+        except (KeyError, OSError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f'{path}: not a vocabulary file written by data.Vocab.save ({e})') from None
+
+    def summary(self) -> str:
+        kept = int(self.item_counts.sum())
+        return (f'vocabulary: {len(self.items):,} of {self.n_distinct_items:,} items kept (seen >= '
+                f'{self.min_item_count}x, covering {kept / max(1, self.n_events):.1%} of {self.n_events:,} events), '
+                f'{len(self.categories):,} categories; tables {self.n_items:,} / {self.n_categories:,} rows; '
+                f'time span {hour_to_str(self.t_min)} .. {hour_to_str(self.t_max)} h')
+
+
+def item_coverage(train: pd.DataFrame, thresholds=(1, 2, 3, 5, 10), test: pd.DataFrame | None = None) -> pd.DataFrame:
+    """How the item table shrinks with min_item_count, and what share of events keeps its own item.
+
+    Columns: min_item_count, items (table rows), table_MB (128 float32 each, x3 with Adam state),
+    train_coverage (share of training events whose item is kept) and, given `test` (e.g. the next
+    day), test_coverage (share of test events whose item is in the table) and test_seen (share of test
+    events whose item occurs at all in training, the ceiling for test_coverage).
+    """
+    items, counts = _count_sorted(train['item_id'].to_numpy())
+    rows = []
+    test_counts = None
+    if test is not None and len(test):
+        idx = pd.Index(items).get_indexer(test['item_id'].to_numpy())
+        test_counts = np.where(idx < 0, 0, counts[np.maximum(idx, 0)])
+    for k in thresholds:
+        keep = counts >= k
+        row = {'min_item_count': k, 'items': int(keep.sum()),
+               'table_MB': keep.sum() * 128 * 4 * 3 / 2 ** 20,
+               'train_coverage': counts[keep].sum() / max(1, len(train))}
+        if test_counts is not None:
+            row['test_coverage'] = float((test_counts >= k).mean())
+            row['test_seen'] = float((test_counts >= 1).mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequences
+
+
+@dataclass(eq=False)
+class Sequences:
+    """Per-user event sequences in CSR form, sorted stably by (user, hour).
+
+    User u (0 <= u < n_users, raw id user_ids[u], ascending) owns flat positions offsets[u]:offsets[u+1],
+    oldest first. Flat arrays (N events) hold contract-encoded features in compact dtypes; `batch`
+    returns them as int64. `abs_hour` keeps hours since 1970 (local) for time-based evaluation.
+    """
+    user_ids: np.ndarray      # (U,) int64, ascending raw ids
+    offsets: np.ndarray       # (U+1,) int64
+    item: np.ndarray          # (N,) int32: 1 unknown, 2.. known
+    category: np.ndarray      # (N,) int32
+    weekday: np.ndarray       # (N,) int8: 1..7, Monday = 1
+    hour: np.ndarray          # (N,) int8: hour of day + 1
+    weekend: np.ndarray       # (N,) int8: 1 weekday, 2 Saturday/Sunday
+    behavior: np.ndarray      # (N,) int8: 1..4
+    time: np.ndarray          # (N, 2) float32: [since start, to end] in [0, 1]
+    abs_hour: np.ndarray      # (N,) int32: hours since 1970-01-01 00:00 local
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_events(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(U,) events per user."""
+        return np.diff(self.offsets)
+
+    @property
+    def trainable(self) -> np.ndarray:
+        """Indices of users with >= 2 events (they have both a long and a short part)."""
+        return np.flatnonzero(self.lengths >= 2)
+
+    def user_index(self, raw_ids) -> np.ndarray:
+        """Raw user ids -> user indices (int64), -1 for users not in these sequences."""
+        raw = np.asarray(raw_ids, dtype=np.int64)
+        pos = np.searchsorted(self.user_ids, raw)
+        pos_c = np.minimum(pos, max(self.n_users - 1, 0))
+        found = (pos < self.n_users) & (self.user_ids[pos_c] == raw) if self.n_users else np.zeros(raw.shape, bool)
+        return np.where(found, pos_c, -1).astype(np.int64)
+
+    def part_bounds(self, user_index, part: str) -> tuple[np.ndarray, np.ndarray]:
+        """Flat [start, end) of each user's part: long = first floor(9n/10) events, short = the rest, all = every event."""
+        if part not in PARTS:
+            raise ValueError(f'part must be one of {PARTS}, got {part!r}')
+        u = np.asarray(user_index)
+        if u.ndim != 1 or not (u.dtype.kind in 'iu' or u.size == 0):
+            raise ValueError(f'user_index must be a 1-D integer array, got shape {u.shape} dtype {u.dtype}')
+        u = u.astype(np.int64)
+        if u.size and (u.min() < 0 or u.max() >= self.n_users):
+            raise IndexError(f'user index out of range [0, {self.n_users})')
+        start, end = self.offsets[u], self.offsets[u + 1]
+        split = start + (end - start) * 9 // 10
+        if part == 'long':
+            return start, split
+        if part == 'short':
+            return split, end
+        return start, end
+
+    def batch(self, user_index, part: str, min_len: int, max_len: int) -> dict[str, np.ndarray]:
+        """Padded batch for the given users' part (see the module docstring for the contract).
+
+        L = clip(longest selected sequence, min_len, max_len); sequences longer than max_len keep
+        their most recent max_len events. Returns int64 (B, L) features, float32 (B, L, 2) time and
+        bool (B, L) mask, zero at padded positions.
+        """
+        if not 1 <= min_len <= max_len:
+            raise ValueError(f'need 1 <= min_len <= max_len, got {min_len}, {max_len}')
+        start, end = self.part_bounds(user_index, part)
+        start = np.maximum(start, end - max_len)                      # keep the most recent events
+        n = end - start                                               # (B,)
+        L = int(np.clip(n.max() if n.size else 0, min_len, max_len))
+        pos = np.arange(L)
+        mask = pos[None, :] < n[:, None]                              # (B, L)
+        idx = np.where(mask, start[:, None] + pos[None, :], 0)        # (B, L) flat positions
+        if self.n_events == 0:
+            idx = np.zeros_like(idx)
+        out = {}
+        for name in FEATURES:
+            a = getattr(self, name)
+            v = a[idx].astype(np.int64) if a.size else np.zeros(idx.shape, np.int64)
+            v[~mask] = 0
+            out[name] = v
+        t = self.time[idx] if self.n_events else np.zeros(idx.shape + (2,), np.float32)
+        t[~mask] = 0.0
+        out['time'] = t                                               # (B, L, 2)
+        out['mask'] = mask
+        return out
+
+    def summary(self) -> str:
+        lens = self.lengths
+        n_train = int((lens >= 2).sum())
+        med = int(np.median(lens)) if lens.size else 0
+        return (f'sequences: {self.n_users:,} users, {self.n_events:,} events (median {med}, max '
+                f'{int(lens.max()) if lens.size else 0} per user); trainable users (>= 2 events): {n_train:,}; '
+                f'excluded from training (1 event, still exported): {self.n_users - n_train:,}')
+
+
+def _stable_order(ucode: np.ndarray, n_users: int, hour: np.ndarray) -> np.ndarray:
+    """Permutation sorting rows by (user code, hour), stable (ties keep file order)."""
+    if len(hour) == 0:
+        return np.zeros(0, np.int64)
+    h = hour - hour.min()
+    h_range = int(h.max()) + 1
+    if n_users <= 1 << 16 and h_range <= 1 << 16:
+        # two stable LSD radix passes on 16-bit keys: much faster than a 64-bit comparison sort
+        p = np.argsort(h.astype(np.uint16), kind='stable')
+        q = np.argsort(ucode.astype(np.uint16)[p], kind='stable')
+        return p[q]
+    if n_users * h_range < 1 << 62:
+        return np.argsort(ucode.astype(np.int64) * h_range + h, kind='stable')
+    return np.lexsort((h, ucode))
+
+
+def build_sequences(events: pd.DataFrame, vocab: Vocab) -> Sequences:
+    """Events (any log, e.g. newer than the vocabulary's) -> CSR sequences encoded with `vocab`."""
+    if len(events) == 0:
+        raise DataError('no events to build sequences from')
+    missing = [c for c in EVENT_COLUMNS if c not in events.columns]
+    if missing:
+        raise DataError(f'events lack column(s) {missing}; expected the output of read_events')
+    ucode, users = pd.factorize(events['user_id'].to_numpy(), sort=True)
+    hour_all = events['hour'].to_numpy().astype(np.int64, copy=False)
+    order = _stable_order(ucode, len(users), hour_all)
+    counts = np.bincount(ucode, minlength=len(users))
+    offsets = np.zeros(len(users) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    del ucode
+    abs_hour = hour_all[order]
+    day = np.floor_divide(abs_hour, 24)
+    weekday = ((day + 3) % 7 + 1).astype(np.int8)          # 1970-01-01 was a Thursday; Monday = 1
+    return Sequences(
+        user_ids=np.asarray(users, dtype=np.int64),
+        offsets=offsets,
+        item=vocab.encode_items(events['item_id'].to_numpy()[order]).astype(np.int32),
+        category=vocab.encode_categories(events['category_id'].to_numpy()[order]).astype(np.int32),
+        weekday=weekday,
+        hour=(abs_hour % 24 + 1).astype(np.int8),
+        weekend=np.where(weekday >= 6, 2, 1).astype(np.int8),
+        behavior=events['behavior'].to_numpy()[order].astype(np.int8),
+        time=vocab.time_features(abs_hour),
+        abs_hour=abs_hour.astype(np.int32),
+    )
+
+
+if __name__ == '__main__':
+    # smoke run: python data.py DATA/train_user
+    ev, rep = read_events(sys.argv[1] if len(sys.argv) > 1 else 'DATA/train_user')
+    print(rep.summary())
+    vo = Vocab.fit(ev)
+    print(vo.summary())
+    sq = build_sequences(ev, vo)
+    print(sq.summary())
+    b = sq.batch(sq.trainable[:4], 'long', N_MIN, N_MAX)
+    print({k: (v.shape, str(v.dtype)) for k, v in b.items()})
