@@ -1,0 +1,343 @@
+"""User long-term interest model: feature embedding, masked [CLS] Transformer towers, BPR / InfoNCE losses.
+
+Pipeline (the contract with train.py; the four modules are saved as separate state_dicts):
+
+    x = feature_embedding(batch)             # (B, L, width), zero at padded positions
+    x = moe_layer(x, batch['mask'])          # (B, L, width)   DeepSeekMoE.MoE
+    long_vec = long_term(x, batch['mask'])   # (B, hidden_dim), L2-normalised
+    short_vec = short_term(x_short, mask_short)
+
+Batches are dicts of tensors (see data.py): 'item', 'category', 'weekday', 'hour', 'weekend', 'behavior'
+int64 (B, L) with 0 = padding, 'time' float (B, L, 2) and 'mask' bool (B, L), real events right-padded
+oldest -> newest. Tensors only: no pandas, CSV or Redis here.
+
+Positional information: each tower adds a learned *recency* embedding, index 0 = the newest event,
+computed from the mask (n - 1 - position). Sequences are right-padded and truncated to the most recent
+events, so an absolute index means "k-th oldest kept event", whose meaning shifts with the user's history
+length and differs between the long, short and export views; recency means the same thing in all of
+them, and extra padding cannot change it. The continuous time features (time since the log start, time
+to the log end) in the embedding carry the absolute timing and the gaps between events.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from DeepSeekMoE import MoE, MoEConfig
+
+FEATURES = ('item', 'category', 'weekday', 'hour', 'weekend', 'behavior')
+N_WEEKDAY, N_HOUR, N_WEEKEND, N_BEHAVIOR = 8, 25, 3, 5    # table sizes incl. padding index 0
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of the feature embedding and the two towers.
+
+    Attributes:
+        n_items: rows of the item table, incl. 0 = padding and 1 = unknown item (the vocabulary size).
+        n_categories: rows of the category table, incl. 0 = padding and 1 = unknown.
+        item_embedding_dim: item embedding size.
+        category_embedding_dim: category embedding size.
+        small_embedding_dim: size of the weekday, hour, weekend, behaviour and time embeddings.
+        width: model width: the embedding's output, the MoE's dim, the towers' residual stream.
+        depth: Transformer layers per tower.
+        heads: attention heads.
+        head_dim: size of each head (heads * head_dim need not equal width).
+        mlp_ratio: feed-forward hidden size = mlp_ratio * width.
+        hidden_dim: size of the output user vector.
+        dropout: dropout in the embedding and the towers.
+        max_positions: recency positions with their own embedding; older events share the last one.
+        pooling: 'cls' (the [CLS] token's output) or 'mean' (mean of the real events' outputs).
+        sparse_item_grad: item table with sparse gradients (train.py can use SparseAdam for it).
+    """
+    # vocabulary (sizes of the fitted vocabulary, no default)
+    n_items: int
+    n_categories: int
+    # embedding
+    item_embedding_dim: int = 128
+    category_embedding_dim: int = 64
+    small_embedding_dim: int = 16
+    # towers
+    width: int = 128
+    depth: int = 4
+    heads: int = 8
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    hidden_dim: int = 128
+    dropout: float = 0.1
+    max_positions: int = 256
+    pooling: str = 'cls'
+    sparse_item_grad: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_items < 2 or self.n_categories < 2:
+            raise ValueError(f"ModelConfig: n_items and n_categories count padding (0) and unknown (1), so "
+                             f"they must be >= 2, got {self.n_items}, {self.n_categories}")
+        if self.pooling not in ('cls', 'mean'):
+            raise ValueError(f"ModelConfig.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.max_positions < 1:
+            raise ValueError(f"ModelConfig.max_positions must be >= 1, got {self.max_positions}")
+
+
+def batch_mask(batch: dict) -> torch.Tensor:
+    """(B, L) bool mask of real events: batch['mask'], or item != 0 when there is none."""
+    mask = batch.get('mask')
+    return batch['item'] != 0 if mask is None else mask.to(torch.bool)
+
+
+class FeatureEmbedding(nn.Module):
+    """Per-event features -> (B, L, width); padding index 0 embeds to zero and padded positions are zero."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        small = cfg.small_embedding_dim
+        self.item = nn.Embedding(cfg.n_items, cfg.item_embedding_dim, padding_idx=0, sparse=cfg.sparse_item_grad)
+        self.category = nn.Embedding(cfg.n_categories, cfg.category_embedding_dim, padding_idx=0)
+        self.weekday = nn.Embedding(N_WEEKDAY, small, padding_idx=0)
+        self.hour = nn.Embedding(N_HOUR, small, padding_idx=0)
+        self.weekend = nn.Embedding(N_WEEKEND, small, padding_idx=0)
+        self.behavior = nn.Embedding(N_BEHAVIOR, small, padding_idx=0)
+        self.time = nn.Linear(2, small)
+        concat = cfg.item_embedding_dim + cfg.category_embedding_dim + 5 * small
+        self.proj = nn.Linear(concat, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.dropout = nn.Dropout(cfg.dropout)
+        for emb in (self.item, self.category, self.weekday, self.hour, self.weekend, self.behavior):
+            nn.init.normal_(emb.weight, std=0.02)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """batch: dict of (B, L) int64 features, 'time' (B, L, 2), 'mask' (B, L) -> (B, L, width)."""
+        mask = batch_mask(batch)
+        parts = [self.item(batch['item']), self.category(batch['category']), self.weekday(batch['weekday']),
+                 self.hour(batch['hour']), self.weekend(batch['weekend']), self.behavior(batch['behavior']),
+                 self.time(batch['time'].to(self.time.weight.dtype))]
+        x = self.dropout(self.norm(self.proj(torch.cat(parts, dim=-1))))     # (B, L, width)
+        return x * mask.unsqueeze(-1).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer layer: x + attn(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        inner = cfg.heads * cfg.head_dim
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.qkv = nn.Linear(cfg.width, 3 * inner)
+        self.out = nn.Linear(inner, cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width)
+        self.ff = nn.Sequential(nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width), nn.GELU(),
+                                nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width))
+        self.p_drop = cfg.dropout
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C); attn_mask (B, 1, 1, N) bool, True = key may be attended to."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.p_drop if self.training else 0.0)   # (B, H, N, hd)
+        x = x + self.dropout(self.out(a.transpose(1, 2).reshape(b, n, -1)))
+        return x + self.dropout(self.ff(self.norm2(x)))
+
+
+class InterestTower(nn.Module):
+    """[CLS] + recency embedding -> `depth` pre-norm Transformer layers -> pooled, projected, L2-normalised."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.width) * 0.02)
+        self.recency = nn.Embedding(cfg.max_positions, cfg.width)
+        nn.init.normal_(self.recency.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.hidden_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, L, width), mask (B, L) bool (right-padded) -> (B, hidden_dim) unit vectors.
+
+        Padding never changes the result: padded keys are masked out of attention (the [CLS] key never
+        is, so no row is empty), recency depends only on the number of real events, and pooling reads
+        only [CLS] or the real positions.
+        """
+        b, l, _ = x.shape
+        mask = mask.to(torch.bool)
+        n = mask.sum(1, keepdim=True)                                        # (B, 1) real events
+        recency = (n - 1 - torch.arange(l, device=x.device)).clamp(0, self.cfg.max_positions - 1)   # (B, L)
+        x = (x + self.recency(recency)) * mask.unsqueeze(-1).to(x.dtype)
+        x = torch.cat([self.cls.expand(b, 1, -1).to(x.dtype), x], dim=1)    # (B, 1+L, width)
+        keys = F.pad(mask, (1, 0), value=True)                               # (B, 1+L)
+        attn_mask = keys[:, None, None, :]                                   # (B, 1, 1, 1+L)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.norm(x)
+        if self.cfg.pooling == 'cls':
+            pooled = x[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            pooled = (x[:, 1:] * m).sum(1) / m.sum(1).clamp(min=1)
+        return F.normalize(self.head(pooled), dim=-1)                       # (B, hidden_dim)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def bpr_loss(long_v: torch.Tensor, pos_v: torch.Tensor, neg_v: torch.Tensor, tau: float = 1.0):
+    """BPR on cosine similarity: mean of -log sigmoid((cos(long, pos) - cos(long, neg)) / tau).
+
+    long_v, pos_v, neg_v: (B, D). tau = 1 reproduces the seed. Returns (loss, metrics); metrics are
+    detached 0-dim tensors (no host sync): loss, cos_pos, cos_neg, acc (share with cos_pos > cos_neg).
+    """
+    cos_pos = F.cosine_similarity(long_v, pos_v, dim=-1)                    # (B,)
+    cos_neg = F.cosine_similarity(long_v, neg_v, dim=-1)
+    loss = -F.logsigmoid((cos_pos - cos_neg) / tau).mean()
+    return loss, _metrics(loss, cos_pos, cos_neg, (cos_pos > cos_neg).float())
+
+
+def info_nce_loss(long_v: torch.Tensor, short_v: torch.Tensor, tau: float = 0.1,
+                  neg_v: Optional[torch.Tensor] = None):
+    """In-batch InfoNCE: user i's long vector must pick its own short vector among the batch's.
+
+    long_v, short_v: (B, D); every other user's short vector is a negative, and so is every row of the
+    optional neg_v (M, D). Returns (loss, metrics) with the keys of bpr_loss: cos_neg is the mean
+    negative cosine, acc the share of users whose positive beats all their negatives (top-1).
+    """
+    a = F.normalize(long_v, dim=-1)
+    cands = short_v if neg_v is None else torch.cat([short_v, neg_v], 0)
+    sims = a @ F.normalize(cands, dim=-1).t()                               # (B, B[+M]) cosines
+    b = a.shape[0]
+    target = torch.arange(b, device=a.device)
+    loss = F.cross_entropy(sims / tau, target)
+    cos_pos = sims[target, target]                                          # (B,)
+    n_neg = sims.shape[1] - 1
+    cos_neg = (sims.sum(1) - cos_pos) / max(n_neg, 1)                       # mean over the negatives
+    best_neg = sims.masked_fill(F.one_hot(target, sims.shape[1]).bool(), float('-inf')).max(1).values
+    acc = (cos_pos > best_neg).float()
+    return loss, _metrics(loss, cos_pos, cos_neg, acc)
+
+
+def _metrics(loss, cos_pos, cos_neg, acc) -> dict:
+    return {'loss': loss.detach(), 'cos_pos': cos_pos.detach().mean(), 'cos_neg': cos_neg.detach().mean(),
+            'acc': acc.detach().mean()}
+
+
+# ---------------------------------------------------------------------------------------- whole model
+class LongTermInterestModel(nn.Module):
+    """The four modules together: feature_embedding -> moe_layer -> long_term / short_term towers.
+
+    train.py may use the submodules directly; their names are the saved state_dict files' names.
+    """
+
+    def __init__(self, cfg: ModelConfig, moe_cfg: Optional[MoEConfig] = None):
+        super().__init__()
+        moe_cfg = moe_cfg or MoEConfig(dim=cfg.width)
+        if moe_cfg.dim != cfg.width:
+            raise ValueError(f"MoEConfig.dim ({moe_cfg.dim}) must equal ModelConfig.width ({cfg.width})")
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.feature_embedding = FeatureEmbedding(cfg)
+        self.moe_layer = MoE(moe_cfg)
+        self.long_term = InterestTower(cfg)
+        self.short_term = InterestTower(cfg)
+
+    def encode(self, batch: dict, tower: str = 'long', return_stats: bool = False):
+        """batch -> (B, hidden_dim) user vectors from the 'long' or 'short' tower (+ MoEStats)."""
+        if tower not in ('long', 'short'):
+            raise ValueError(f"tower must be 'long' or 'short', got {tower!r}")
+        mask = batch_mask(batch)
+        x, stats = self.moe_layer(self.feature_embedding(batch), mask, return_stats=True)
+        v = (self.long_term if tower == 'long' else self.short_term)(x, mask)
+        return (v, stats) if return_stats else v
+
+    def forward(self, long_batch: dict, pos_batch: dict, neg_batch: Optional[dict] = None,
+                objective: str = 'bpr', tau: float = 1.0):
+        """Training step's loss: BPR on (long_u, short_u, short_neg), or InfoNCE (neg_batch optional).
+
+        Returns (loss, metrics, [MoEStats of each encoded batch]).
+        """
+        long_v, s_long = self.encode(long_batch, 'long', return_stats=True)
+        pos_v, s_pos = self.encode(pos_batch, 'short', return_stats=True)
+        stats = [s_long, s_pos]
+        neg_v = None
+        if neg_batch is not None:
+            neg_v, s_neg = self.encode(neg_batch, 'short', return_stats=True)
+            stats.append(s_neg)
+        if objective == 'bpr':
+            if neg_v is None:
+                raise ValueError("objective 'bpr' needs neg_batch")
+            loss, metrics = bpr_loss(long_v, pos_v, neg_v, tau)
+        elif objective == 'info_nce':
+            loss, metrics = info_nce_loss(long_v, pos_v, tau, neg_v)
+        else:
+            raise ValueError(f"objective must be 'bpr' or 'info_nce', got {objective!r}")
+        return loss, metrics, stats
+
+    def param_groups(self, weight_decay: float = 0.0) -> 'ParamGroups':
+        """(sparse, dense) parameters for SparseAdam and Adam/AdamW; see the module-level param_groups."""
+        return param_groups(self, weight_decay=weight_decay)
+
+
+class ParamGroups(NamedTuple):
+    """Parameters split for the optimisers; unpacks as `sparse, dense = model.param_groups()`.
+
+    sparse: item tables with sparse gradients (torch.optim.SparseAdam).
+    dense: param-group dicts for a dense optimiser (Adam / AdamW): matrices with `weight_decay`, and
+        biases, norms, embeddings, [CLS] and 1-d tensors without.
+    """
+    sparse: list
+    dense: list
+
+
+def param_groups(*modules: nn.Module, weight_decay: float = 0.0) -> ParamGroups:
+    """Split the modules' trainable parameters; every one lands in exactly one group (empty groups are
+    left out)."""
+    sparse, decay, no_decay, seen = [], [], [], set()
+    for module in modules:
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if isinstance(m, nn.Embedding) and m.sparse:
+                    sparse.append(p)
+                elif isinstance(m, (nn.Embedding, nn.LayerNorm)) or name == 'cls' or p.dim() < 2:
+                    no_decay.append(p)
+                else:
+                    decay.append(p)
+    dense = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    return ParamGroups(sparse, [g for g in dense if g['params']])
+
+
+if __name__ == '__main__':
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=5000, n_categories=300)
+    model = LongTermInterestModel(cfg)
+
+    def random_batch(b: int, l: int) -> dict:
+        lengths = torch.randint(1, l + 1, (b,))
+        mask = torch.arange(l) < lengths[:, None]
+        m = mask.long()
+        return {'item': torch.randint(1, cfg.n_items, (b, l)) * m,
+                'category': torch.randint(1, cfg.n_categories, (b, l)) * m,
+                'weekday': torch.randint(1, 8, (b, l)) * m, 'hour': torch.randint(1, 25, (b, l)) * m,
+                'weekend': torch.randint(1, 3, (b, l)) * m, 'behavior': torch.randint(1, 5, (b, l)) * m,
+                'time': torch.rand(b, l, 2) * mask.unsqueeze(-1), 'mask': mask}
+
+    long_b, short_b, neg_b = random_batch(4, 200), random_batch(4, 20), random_batch(4, 20)
+    x = model.feature_embedding(long_b)
+    y, stats = model.moe_layer(x, long_b['mask'], return_stats=True)
+    v = model.long_term(y, long_b['mask'])
+    print(f"config: {cfg}")
+    print(f"embedding {tuple(x.shape)} -> moe {tuple(y.shape)} -> long vector {tuple(v.shape)}, "
+          f"norms {v.norm(dim=-1).tolist()}")
+    loss, metrics, _ = model(long_b, short_b, neg_b)
+    loss.backward()
+    print({k: round(float(t), 4) for k, t in metrics.items()})
+    sparse, dense = model.param_groups(0.01)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,} "
+          f"(sparse {sum(p.numel() for p in sparse):,})")

@@ -1,0 +1,137 @@
+"""Saving and loading everything under saved_models/: weights, config, vocabulary, checkpoints, vectors.
+
+Every file is written atomically (a temporary file in the same folder, fsync, then os.replace), so a crash
+mid-save leaves the previous file intact, never a torn one.
+
+In a notebook::
+
+    from model_io import load_model
+    model, vocab, config = load_model("saved_models")
+    model.feature_embedding, model.moe_layer, model.long_term, model.short_term  # the four modules
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from DeepSeekMoE import MoEConfig
+from LongTermInterestModel import LongTermInterestModel, ModelConfig
+from data import Vocab
+
+MODULE_NAMES = ("feature_embedding", "moe_layer", "long_term", "short_term")
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.npz"
+CHECKPOINT_FILE = "checkpoint.pt"
+VECTORS_FILE = "user_vectors.npz"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> None:
+    """Call write(f) on a temporary file beside path, then rename it over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def state_version(state_dicts: dict[str, dict[str, torch.Tensor]]) -> str:
+    """A short content hash of the weights: the model version readers see in Redis."""
+    h = hashlib.sha1()
+    for name in sorted(state_dicts):
+        for key, t in sorted(state_dicts[name].items()):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_model(save_dir: str | os.PathLike, model: LongTermInterestModel, vocab: Vocab,
+               train_config: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """Write the four state_dicts, config.json and vocab.npz; return the model version string.
+
+    config.json is written last, so a reader that finds it also finds the weights it describes.
+    """
+    save_dir = Path(save_dir)
+    states = {name: {k: v.detach().cpu() for k, v in getattr(model, name).state_dict().items()}
+              for name in MODULE_NAMES}
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + state_version(states)
+    for name, state in states.items():
+        atomic_torch_save(state, save_dir / f"{name}.pth")
+    vocab.save(save_dir / VOCAB_FILE)
+    config = {
+        "model_version": version,
+        "model": asdict(model.cfg),
+        "moe": asdict(model.moe_cfg),
+        "train": train_config,
+        **(extra or {}),
+    }
+    atomic_json_save(config, save_dir / CONFIG_FILE)
+    return version
+
+
+def read_config(save_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(save_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train a model first (python train.py --save_dir {save_dir})")
+    return json.loads(path.read_text())
+
+
+def build_model(config: dict[str, Any]) -> LongTermInterestModel:
+    """Rebuild the (untrained) modules from a config.json dict."""
+    return LongTermInterestModel(ModelConfig(**config["model"]), MoEConfig(**config["moe"]))
+
+
+def load_model(save_dir: str | os.PathLike = "saved_models", device: str | torch.device = "cpu"
+               ) -> tuple[LongTermInterestModel, Vocab, dict[str, Any]]:
+    """Rebuild the model from saved_models/ and load the four .pth files; returns (model in eval mode, vocab, config)."""
+    save_dir = Path(save_dir)
+    config = read_config(save_dir)
+    model = build_model(config)
+    for name in MODULE_NAMES:
+        state = torch.load(save_dir / f"{name}.pth", map_location="cpu", weights_only=True)
+        getattr(model, name).load_state_dict(state)
+    vocab = Vocab.load(save_dir / VOCAB_FILE)
+    return model.to(device).eval(), vocab, config
+
+
+def save_vectors(save_dir: str | os.PathLike, user_ids: np.ndarray, vectors: np.ndarray, version: str) -> Path:
+    """Write ids + float32 matrix in one file (so they can never disagree); returns its path."""
+    path = Path(save_dir) / VECTORS_FILE
+    atomic_write(path, lambda f: np.savez(f, user_ids=np.asarray(user_ids, dtype=np.int64),
+                                          vectors=np.asarray(vectors, dtype=np.float32),
+                                          model_version=np.array(version)))
+    return path
+
+
+def load_vectors(save_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
+    """Return (user_ids, vectors, model_version) written by save_vectors."""
+    path = Path(save_dir) / VECTORS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run python train.py (or --export_only) first")
+    with np.load(path) as z:
+        return z["user_ids"], z["vectors"], str(z["model_version"])

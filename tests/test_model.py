@@ -1,0 +1,242 @@
+"""Tests of LongTermInterestModel: embedding, towers, padding invariance, losses, gradients, overfitting."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from DeepSeekMoE import MoE, MoEConfig
+from LongTermInterestModel import (FeatureEmbedding, InterestTower, LongTermInterestModel, ModelConfig, bpr_loss,
+                                   info_nce_loss, param_groups)
+
+N_ITEMS, N_CATS = 60, 12
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(n_items=N_ITEMS, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=8,
+                small_embedding_dim=4, width=16, depth=2, heads=2, head_dim=8, mlp_ratio=2, hidden_dim=8,
+                dropout=0.1, max_positions=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_moe_cfg(**kw) -> MoEConfig:
+    base = dict(dim=16, n_routed_experts=4, n_shared_experts=1, n_activated=2, hidden=8, dropout=0.1)
+    base.update(kw)
+    return MoEConfig(**base)
+
+
+def make_batch(lengths, length, seed=0, items=None):
+    """Right-padded random batch in the data.py contract (0 = padding everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    mask = torch.arange(length) < torch.as_tensor(lengths)[:, None]
+    m = mask.long()
+
+    def ints(lo, hi):
+        return torch.randint(lo, hi, (b, length), generator=g) * m
+
+    batch = {'item': ints(1, N_ITEMS) if items is None else items * m, 'category': ints(1, N_CATS),
+             'weekday': ints(1, 8), 'hour': ints(1, 25), 'weekend': ints(1, 3), 'behavior': ints(1, 5),
+             'time': torch.rand(b, length, 2, generator=g) * mask.unsqueeze(-1), 'mask': mask}
+    return batch
+
+
+def repad(batch, length):
+    """The same users with the batch padded (or cut, if only padding goes) to `length`."""
+    out = {}
+    for key, t in batch.items():
+        cur = t.shape[1]
+        if length <= cur:
+            out[key] = t[:, :length]
+        else:
+            pad = [0, 0] * (t.dim() - 2) + [0, length - cur]
+            out[key] = F.pad(t, pad)
+    return out
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+    torch.manual_seed(0)
+    return LongTermInterestModel(tiny_cfg(), tiny_moe_cfg())
+
+
+def test_default_config_shapes():
+    torch.manual_seed(0)
+    model = LongTermInterestModel(ModelConfig(n_items=N_ITEMS, n_categories=N_CATS)).eval()
+    assert model.moe_layer.cfg.n_routed_experts == 100 and model.cfg.width == 128
+    long_b, short_b = make_batch([7, 3], 10), make_batch([2, 1], 4, seed=1)
+    x = model.feature_embedding(long_b)
+    assert x.shape == (2, 10, 128)
+    y = model.moe_layer(x, long_b['mask'])
+    assert y.shape == (2, 10, 128)
+    v = model.long_term(y, long_b['mask'])
+    assert v.shape == (2, 128)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(2))
+    assert model.encode(short_b, 'short').shape == (2, 128)
+
+
+def test_tiny_config_shapes_and_names(tiny_model):
+    b = make_batch([5, 2, 1], 6)
+    for tower in ('long', 'short'):
+        v, stats = tiny_model.encode(b, tower, return_stats=True)
+        assert v.shape == (3, 8) and stats.counts.shape == (4,)
+    names = {n for n, _ in tiny_model.named_children()}
+    assert names == {'feature_embedding', 'moe_layer', 'long_term', 'short_term'}
+
+
+def test_feature_embedding_zero_at_padding(tiny_model):
+    fe = tiny_model.feature_embedding
+    for emb in (fe.item, fe.category, fe.weekday, fe.hour, fe.weekend, fe.behavior):
+        assert emb.padding_idx == 0 and torch.all(emb.weight[0] == 0)
+    b = make_batch([4, 1], 6)
+    x = fe(b)
+    assert torch.all(x[~b['mask']] == 0) and torch.all(x[b['mask']].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize('pooling', ['cls', 'mean'])
+def test_padding_does_not_change_a_users_vector(pooling):
+    torch.manual_seed(1)
+    model = LongTermInterestModel(tiny_cfg(pooling=pooling), tiny_moe_cfg()).eval()
+    b = make_batch([6, 3, 1], 6)
+    with torch.no_grad():
+        v = model.encode(b)
+        v_more = model.encode(repad(b, 23))                    # same users, much more padding
+        v_alone = model.encode({k: t[1:2, :3] for k, t in b.items()})   # user 1 alone, no padding
+        garbage = {k: t.clone() for k, t in repad(b, 9).items()}
+        garbage['time'][:, 6:] = 5.0                             # even non-zero junk under the mask
+        v_junk = model.encode(garbage)
+    torch.testing.assert_close(v_more, v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_alone, v[1:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_junk, v, atol=1e-5, rtol=0)
+
+
+def test_recency_positions_matter():
+    """Order carries information: the same events in another order give another vector."""
+    torch.manual_seed(2)
+    tower = InterestTower(tiny_cfg()).eval()
+    x = torch.randn(1, 5, 16)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert not torch.allclose(tower(x, mask), tower(x.flip(1), mask), atol=1e-4)
+
+
+def test_eval_deterministic_and_save_load_reproduces_vectors(tiny_model):
+    model = tiny_model
+    model.train()
+    model.encode(make_batch([6, 6], 6))
+    model.moe_layer.end_epoch()                                 # non-trivial balancing state
+    model.eval()
+    b = make_batch([6, 4, 2], 6, seed=3)
+    with torch.no_grad():
+        v1, v2 = model.encode(b), model.encode(b)
+    assert torch.equal(v1, v2)
+    blobs = {}
+    for name in ('feature_embedding', 'moe_layer', 'long_term', 'short_term'):
+        buf = io.BytesIO()
+        torch.save(getattr(model, name).state_dict(), buf)
+        blobs[name] = buf.getvalue()
+    fresh = LongTermInterestModel(model.cfg, model.moe_cfg)
+    for name, blob in blobs.items():
+        getattr(fresh, name).load_state_dict(torch.load(io.BytesIO(blob)))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh.encode(b), v1)
+        assert torch.equal(fresh.encode(b, 'short'), model.encode(b, 'short'))
+
+
+def test_bpr_tau_one_equals_hand_computation():
+    torch.manual_seed(3)
+    a, p, n = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    loss, metrics = bpr_loss(a, p, n)
+    cos_p = [float(a[i] @ p[i] / (a[i].norm() * p[i].norm())) for i in range(5)]
+    cos_n = [float(a[i] @ n[i] / (a[i].norm() * n[i].norm())) for i in range(5)]
+    hand = sum(-math.log(1 / (1 + math.exp(-(cp - cn)))) for cp, cn in zip(cos_p, cos_n)) / 5
+    assert float(loss) == pytest.approx(hand, abs=1e-6)
+    assert float(metrics['acc']) == pytest.approx(sum(cp > cn for cp, cn in zip(cos_p, cos_n)) / 5)
+    assert float(metrics['cos_pos']) == pytest.approx(sum(cos_p) / 5, abs=1e-6)
+    loss_t, _ = bpr_loss(a, p, n, tau=0.5)
+    hand_t = sum(-math.log(1 / (1 + math.exp(-(cp - cn) / 0.5))) for cp, cn in zip(cos_p, cos_n)) / 5
+    assert float(loss_t) == pytest.approx(hand_t, abs=1e-6)
+
+
+def test_info_nce_matches_cross_entropy_and_shares_metric_keys():
+    torch.manual_seed(4)
+    a, s, n = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1), torch.randn(3, 8)
+    loss, metrics = info_nce_loss(a, s, tau=0.1)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(a @ s.t() / 0.1, torch.arange(4))), abs=1e-5)
+    _, bpr_metrics = bpr_loss(a, s, s.roll(1, 0))
+    assert set(metrics) == set(bpr_metrics) == {'loss', 'cos_pos', 'cos_neg', 'acc'}
+    loss_n, _ = info_nce_loss(a, s, tau=0.1, neg_v=n)
+    assert loss_n > loss                                       # extra negatives make it harder
+    assert float(info_nce_loss(a[:1], s[:1])[0]) == pytest.approx(0.0, abs=1e-6)   # batch of one
+
+
+def test_gradients_reach_every_parameter_group():
+    torch.manual_seed(5)
+    model = LongTermInterestModel(tiny_cfg(), tiny_moe_cfg(n_routed_experts=3)).train()
+    long_b, pos_b, neg_b = make_batch([9, 7, 5, 8], 9), make_batch([3, 2, 1, 2], 3, 1), make_batch([2, 3, 3, 1], 3, 2)
+    loss, metrics, stats = model(long_b, pos_b, neg_b)
+    loss.backward()
+    assert len(stats) == 3 and torch.isfinite(loss)
+    sparse, dense = model.param_groups(weight_decay=0.01)
+    listed = sparse + [p for g in dense for p in g['params']]
+    assert len(listed) == len(set(map(id, listed))) == len(list(model.parameters()))
+    assert sparse == [model.feature_embedding.item.weight]
+    assert model.feature_embedding.item.weight.grad.is_sparse
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_param_groups_of_separate_modules(tiny_model):
+    groups = param_groups(tiny_model.feature_embedding, tiny_model.moe_layer, tiny_model.long_term,
+                          tiny_model.short_term)
+    decay, no_decay = ({id(p) for p in g['params']} for g in groups.dense)
+    assert id(tiny_model.moe_layer.w_in) in decay and id(tiny_model.long_term.cls) in no_decay
+    assert id(tiny_model.long_term.blocks[0].norm1.weight) in no_decay
+    assert id(tiny_model.feature_embedding.category.weight) in no_decay
+
+
+def test_tiny_model_overfits_a_handful_of_users():
+    """Eight users with their own items: BPR with other users' short sequences as negatives."""
+    torch.manual_seed(6)
+    users, n_long, n_short = 8, 12, 4
+    items = torch.stack([torch.randint(2 + 7 * u, 2 + 7 * (u + 1), (n_long + n_short,)) for u in range(users)])
+    model = LongTermInterestModel(tiny_cfg(dropout=0.0), tiny_moe_cfg(dropout=0.0))
+    long_b = make_batch([n_long] * users, n_long, seed=7, items=items[:, :n_long])
+    short_b = make_batch([n_short] * users, n_short, seed=8, items=items[:, n_long:])
+    neg_b = {k: t.roll(1, 0) for k, t in short_b.items()}
+    sparse_params, dense_groups = model.param_groups()
+    dense = torch.optim.AdamW(dense_groups, lr=3e-3)
+    sparse = torch.optim.SparseAdam(sparse_params, lr=3e-3)
+    model.train()
+    for step in range(120):
+        loss, metrics, _ = model(long_b, short_b, neg_b)
+        dense.zero_grad()
+        sparse.zero_grad()
+        loss.backward()
+        dense.step()
+        sparse.step()
+        model.moe_layer.after_step()
+    assert loss.item() < 0.5 * math.log(2)
+    assert float(metrics['acc']) == 1.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match='pooling'):
+        tiny_cfg(pooling='max')
+    with pytest.raises(ValueError, match='must equal'):
+        LongTermInterestModel(tiny_cfg(), tiny_moe_cfg(dim=32))
+    assert isinstance(LongTermInterestModel(tiny_cfg()).moe_layer, MoE)
+    with pytest.raises(ValueError, match='tower'):
+        LongTermInterestModel(tiny_cfg(), tiny_moe_cfg()).encode(make_batch([2], 2), 'mid')
+
+
+def test_feature_embedding_standalone_without_mask_key():
+    fe = FeatureEmbedding(tiny_cfg())
+    b = make_batch([3, 1], 4)
+    without = {k: v for k, v in b.items() if k != 'mask'}
+    fe.eval()
+    assert torch.equal(fe(without), fe(b))

@@ -1,0 +1,225 @@
+"""Tests of DeepSeekMoE: shapes, sorted dispatch vs the reference loop, routing, masking, balancing, state."""
+import io
+
+import pytest
+import torch
+
+from DeepSeekMoE import MoE, MoEConfig, MoEStats
+
+
+def tiny(**kw) -> MoEConfig:
+    base = dict(dim=16, n_routed_experts=6, n_shared_experts=1, n_activated=2, hidden=8, dropout=0.0)
+    base.update(kw)
+    return MoEConfig(**base)
+
+
+def right_padded_mask(lengths, length):
+    return torch.arange(length) < torch.as_tensor(lengths)[:, None]
+
+
+@pytest.fixture(scope='module')
+def default_moe():
+    torch.manual_seed(0)
+    return MoE(MoEConfig())
+
+
+def test_default_config_shapes(default_moe):
+    x = torch.randn(2, 12, 128)
+    mask = right_padded_mask([12, 5], 12)
+    y, stats = default_moe(x, mask, return_stats=True)
+    assert y.shape == x.shape
+    assert isinstance(stats, MoEStats)
+    assert stats.counts.shape == (100,) and stats.counts.dtype == torch.int64
+    assert int(stats.tokens) == 17 and int(stats.counts.sum()) == 2 * 17
+    assert default_moe(x).shape == x.shape                     # mask optional, tensor only by default
+
+
+@pytest.mark.parametrize('dim', [16, 13])                     # 13: odd width, padded row strides
+@pytest.mark.parametrize('shared', [0, 1, 2])
+def test_sorted_dispatch_matches_reference_loop(dim, shared):
+    torch.manual_seed(1)
+    moe = MoE(tiny(dim=dim, n_shared_experts=shared))
+    x = torch.randn(3, 7, dim, requires_grad=True)
+    mask = right_padded_mask([7, 4, 1], 7)
+    g = torch.randn(3, 7, dim)
+    params = [x] + list(moe.parameters())
+    y = moe(x, mask)
+    grads = torch.autograd.grad((y * g).sum(), params)
+    y_ref = moe.forward_reference(x, mask)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), params)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(['x'] + [n for n, _ in moe.named_parameters()], grads, grads_ref):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert grads[1].abs().sum() > 0                           # the router learns through the mixing weights
+
+
+def test_split_fallback_matches_grouped():
+    torch.manual_seed(2)
+    moe = MoE(tiny(dim=13))
+    x = torch.randn(2, 9, 13)
+    mask = right_padded_mask([9, 3], 9)
+    y = moe(x, mask)
+    y64 = moe.double()(x.double(), mask)                       # float64: no grouped matmul -> split path
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_respects_k_and_weights_sum_to_one():
+    torch.manual_seed(3)
+    for k in (1, 2, 3):
+        moe = MoE(tiny(n_activated=k))
+        xn = torch.nn.functional.layer_norm(torch.randn(40, 16), (16,))
+        weights, indices = moe.route(xn)
+        assert indices.shape == (40, k) and weights.shape == (40, k)
+        assert all(len(set(row)) == k for row in indices.tolist())      # k distinct experts per token
+        torch.testing.assert_close(weights.sum(-1), torch.ones(40))
+        _, stats = moe(xn.view(4, 10, 16), return_stats=True)
+        assert int(stats.counts.sum()) == 40 * k
+
+
+def test_padded_tokens_never_counted_and_pass_through():
+    torch.manual_seed(4)
+    moe = MoE(tiny()).train()
+    mask = right_padded_mask([8, 3, 0], 8)
+    x = torch.randn(3, 8, 16)
+    y, stats = moe(x, mask, return_stats=True)
+    _, ref = moe(x[mask].view(1, -1, 16), return_stats=True)             # the real tokens alone
+    assert torch.equal(stats.counts, ref.counts)
+    assert int(stats.tokens) == 11 and int(stats.counts.sum()) == 2 * 11
+    torch.testing.assert_close(y[~mask], x[~mask])                        # residual passthrough at pads
+    x2 = x.clone()
+    x2[~mask] = 1e6 * torch.randn_like(x2[~mask])                         # garbage at padded positions
+    y2, stats2 = moe(x2, mask, return_stats=True)
+    assert torch.equal(stats2.counts, stats.counts)
+    torch.testing.assert_close(y2[mask], y[mask])
+    assert int(moe.epoch_counts.sum()) == 3 * 2 * 11                      # three training calls, pads excluded
+
+
+def test_all_padding_batch_and_finite_gradients():
+    torch.manual_seed(5)
+    moe = MoE(tiny(dim=13))
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    y, stats = moe(x, torch.zeros(2, 5, dtype=torch.bool), return_stats=True)
+    y.sum().backward()
+    assert int(stats.counts.sum()) == 0 and int(stats.tokens) == 0
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in moe.parameters())
+
+
+def skewed_moe(balance, n_experts=8, **kw):
+    """A router whose first expert wins for almost every token (all inputs share a direction)."""
+    torch.manual_seed(6)
+    moe = MoE(tiny(n_routed_experts=n_experts, balance=balance, **kw))
+    u = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    with torch.no_grad():
+        moe.gate.weight[0] += 4 * u
+    batches = [torch.randn(4, 32, 16) + u for _ in range(6)]
+    return moe, batches
+
+
+def run_epochs(moe, batches, epochs):
+    history = []
+    moe.train()
+    for _ in range(epochs):
+        for x in batches:
+            with torch.no_grad():
+                moe(x)
+            moe.after_step()                                   # the training loop's call per step
+        history.append(moe.end_epoch())
+    return history
+
+
+@pytest.mark.parametrize('balance,kw', [('seed', {}), ('bias', {'bias_update_speed': 1e-2})])
+def test_balancing_moves_skewed_router_toward_uniform(balance, kw):
+    moe, batches = skewed_moe(balance, **kw)
+    history = run_epochs(moe, batches, 8)
+    violation = [h['max_violation'] for h in history]
+    assert violation[0] > 2.0                                  # deliberately skewed
+    assert max(violation[1:]) < violation[0]                   # never worse than the skew ...
+    assert max(violation[-3:]) < 0.25 * violation[0]           # ... and pulled toward uniform
+    assert history[-1]['dead'] == 0
+    # balancing changes the selection only: mixing weights are the chosen experts' unbiased scores
+    xn = torch.nn.functional.layer_norm(batches[0].view(-1, 16), (16,))
+    weights, indices = moe.route(xn)
+    scores = torch.sigmoid(moe.gate(xn)).gather(1, indices)
+    torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(len(xn)))
+
+
+def test_no_balancing_keeps_the_skew():
+    moe, batches = skewed_moe('none')
+    history = run_epochs(moe, batches, 3)
+    assert history[0]['max_violation'] == history[-1]['max_violation']
+    assert torch.equal(moe.penalty, torch.ones(8)) and torch.equal(moe.bias, torch.zeros(8))
+
+
+def test_end_epoch_resets_and_reports():
+    moe, batches = skewed_moe('seed')
+    moe.train()
+    moe(batches[0])
+    report = moe.end_epoch()
+    assert {'activations', 'load', 'max_violation', 'cv', 'dead', 'entropy'} <= set(report)
+    assert report['activations'] == 4 * 32 * 2 and len(report['load']) == 8
+    assert int(moe.epoch_counts.sum()) == 0
+    assert moe.penalty.max() > 1 >= moe.penalty.min()          # the busy expert is penalised
+    moe.eval()
+    moe(batches[0])
+    assert int(moe.epoch_counts.sum()) == 0                    # eval calls are not counted
+
+
+def test_balance_stats_on_known_counts():
+    s = MoE.balance_stats(torch.tensor([4, 0, 2, 2]))
+    assert s['activations'] == 8 and s['dead'] == 1
+    assert s['load'] == [2.0, 0.0, 1.0, 1.0]
+    assert s['max_violation'] == pytest.approx(1.0)
+    assert s['cv'] == pytest.approx((2 ** 0.5) / 2)
+    assert MoE.balance_stats([5, 5, 5, 5])['entropy'] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('balance', ['seed', 'bias'])
+def test_eval_deterministic_and_state_dict_round_trip(balance):
+    moe, batches = skewed_moe(balance, bias_update_speed=1e-2)
+    moe.cfg.dropout = 0.1
+    run_epochs(moe, batches, 2)                                # non-trivial penalty / bias
+    moe.eval()
+    x, mask = batches[1], right_padded_mask([32, 20, 7, 1], 32)
+    y1, s1 = moe(x, mask, return_stats=True)
+    y2, s2 = moe(x, mask, return_stats=True)
+    assert torch.equal(y1, y2) and torch.equal(s1.counts, s2.counts)
+    state = moe.state_dict()
+    assert {'penalty', 'bias'} <= set(state) and 'epoch_counts' not in state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    fresh = MoE(moe.cfg)
+    fresh.load_state_dict(torch.load(buf))
+    fresh.eval()
+    y3, s3 = fresh(x, mask, return_stats=True)
+    assert torch.equal(y1, y3) and torch.equal(s1.counts, s3.counts)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match='balance'):
+        MoEConfig(balance='aux')
+    with pytest.raises(ValueError, match='n_activated'):
+        MoEConfig(n_routed_experts=4, n_activated=5)
+    with pytest.raises(ValueError, match='hidden'):
+        MoEConfig(hidden=12)
+    with pytest.raises(ValueError, match='width'):
+        MoE(tiny())(torch.randn(1, 2, 8))
+
+
+def test_bias_moves_once_per_after_step():
+    moe, batches = skewed_moe('bias', bias_update_speed=1e-2)
+    moe.train()
+    with torch.no_grad():
+        moe(batches[0])
+        moe(batches[1])
+    assert torch.equal(moe.bias, torch.zeros(8))               # forward alone never moves it
+    moe.after_step()
+    assert moe.bias[0] == pytest.approx(-1e-2)                 # the over-loaded expert is pushed down
+    assert (moe.bias > 0).any() and int(moe.step_counts.sum()) == 0
+    seed_moe, _ = skewed_moe('seed')
+    seed_moe.train()
+    seed_moe(batches[0])
+    seed_moe.after_step()
+    assert torch.equal(seed_moe.bias, torch.zeros(8)) and torch.equal(seed_moe.penalty, torch.ones(8))

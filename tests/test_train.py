@@ -1,0 +1,241 @@
+"""train.py end to end: CLI, training, saving, resume, export to a real Redis, notebook helper, README snippet."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+import demo_data
+import model_io
+import redis_store
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+USERBEHAVIOR = ROOT.parent / "shared" / "real" / "Haohanblue__UserBehavior.csv"
+
+# A model small enough to train in seconds on 2 cores, with every part present.
+TINY = ["--item_embedding_dim", "16", "--category_embedding_dim", "8", "--width", "16", "--hidden_dim", "8",
+        "--depth", "1", "--heads", "2", "--head_dim", "8", "--moe_experts", "4", "--moe_activated", "2",
+        "--moe_hidden", "16", "--n_min", "8", "--n_max", "24", "--k_min", "2", "--k_max", "6",
+        "--batch_size", "64", "--epochs", "1", "--export_batch_size", "128", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("log") / "tianchi_mobile_recommend_train_user.csv"
+    demo_data.write_log(path, n_users=120, n_days=10, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(demo_log, redis_server, tmp_path_factory):
+    """One short training run on the demo log, published to the shared test server under a prefix."""
+    save_dir = tmp_path_factory.mktemp("saved")
+    r = redis.Redis.from_url(redis_server)
+    r.set("foreign:1", "keep me")
+    r.set("e2e:not-ours", "keep me too")
+    code = train.main(["--data_path", str(demo_log), "--save_dir", str(save_dir), "--redis_url", redis_server,
+                       "--redis_prefix", "e2e:", *TINY])
+    assert code == 0
+    return save_dir, redis_server
+
+
+def test_end_to_end_vectors_read_back_from_redis(trained):
+    save_dir, url = trained
+    user_ids, vectors, version = model_io.load_vectors(save_dir)
+    assert len(user_ids) == 120 and vectors.shape == (120, 8) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    r = redis.Redis.from_url(url)
+    for uid, vec in zip(user_ids, vectors):
+        got = json.loads(r.get(f"e2e:{uid}"))
+        assert np.allclose(got, vec, atol=1e-6)
+    assert r.get("foreign:1") == b"keep me" and r.get("e2e:not-ours") == b"keep me too"
+    assert version == model_io.read_config(save_dir)["model_version"]
+
+
+def test_saved_files_and_notebook_helper_reproduce_exported_vectors(trained):
+    save_dir, _ = trained
+    for name in model_io.MODULE_NAMES:
+        state = torch.load(save_dir / f"{name}.pth")  # the seed's notebook line, as written
+        assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    model, vocab, config = model_io.load_model(save_dir)
+    assert not model.training and config["train"]["epochs"] == 1
+    user_ids, vectors, _ = model_io.load_vectors(save_dir)
+    import data
+    events, _ = data.read_events(config["train"]["data_path"], progress=False)
+    seqs = data.build_sequences(events, vocab)
+    import inference
+    again = inference.compute_user_vectors(model, seqs, part="all", min_len=8, max_len=24, progress=False)
+    assert np.array_equal(seqs.user_ids, user_ids)
+    assert np.allclose(again, vectors, atol=1e-5)
+
+
+def test_history_records_losses_and_expert_balance(trained):
+    save_dir, _ = trained
+    config = model_io.read_config(save_dir)
+    (rec,) = config["history"]
+    assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["val_loss"]) and 0 < rec["val_mrr"] <= 1
+    assert len(rec["moe"]["load"]) == 4 and sum(rec["moe"]["load"]) > 0
+
+
+def test_userbehavior_sample_end_to_end(redis_server, tmp_path):
+    r = redis.Redis.from_url(redis_server)
+    code = train.main(["--data_path", str(USERBEHAVIOR), "--save_dir", str(tmp_path), "--redis_url", redis_server,
+                       "--redis_prefix", "ub:", "--redis_format", "f32", *TINY])
+    assert code == 0
+    user_ids, vectors, _ = model_io.load_vectors(tmp_path)
+    assert len(user_ids) == 815
+    got = np.stack([np.frombuffer(r.get(f"ub:{u}"), "<f4") for u in user_ids])
+    assert np.array_equal(got, vectors)
+
+
+def test_resume_equals_uninterrupted_run(demo_log, tmp_path):
+    common = ["--data_path", str(demo_log), "--no_redis", *TINY]
+    assert train.main([*common, "--save_dir", str(tmp_path / "a"), "--epochs", "2"]) == 0
+    assert train.main([*common, "--save_dir", str(tmp_path / "b"), "--epochs", "1"]) == 0
+    assert train.main([*common, "--save_dir", str(tmp_path / "b"), "--epochs", "2", "--resume"]) == 0
+    a = torch.load(tmp_path / "a" / model_io.CHECKPOINT_FILE, weights_only=False)
+    b = torch.load(tmp_path / "b" / model_io.CHECKPOINT_FILE, weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    va, vb = model_io.load_vectors(tmp_path / "a")[1], model_io.load_vectors(tmp_path / "b")[1]
+    assert np.array_equal(va, vb)
+
+
+def test_resume_refuses_changed_settings(demo_log, tmp_path):
+    common = ["--data_path", str(demo_log), "--no_redis", "--save_dir", str(tmp_path), *TINY]
+    assert train.main(common) == 0
+    with pytest.raises(SystemExit, match="--width"):
+        train.main([*common, "--resume", "--epochs", "2", "--width", "32"])
+
+
+def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_path):
+    port = redis_store.free_port()
+    url = f"redis://127.0.0.1:{port}"
+    common = ["--save_dir", str(tmp_path), "--redis_url", url, *TINY]
+    code = train.main(["--data_path", str(demo_log), *common])
+    assert code == train.EXIT_REDIS
+    user_ids, vectors, _ = model_io.load_vectors(tmp_path)  # safe on disk
+    server = redis_store.start_test_server(port=port)
+    try:
+        assert train.main(["--republish", *common]) == 0
+        r = redis.Redis.from_url(url)
+        assert json.loads(r.get(str(user_ids[-1]))) == pytest.approx(vectors[-1].tolist(), abs=1e-6)
+    finally:
+        server.stop()
+
+
+def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_path):
+    save_dir, _ = trained
+    newer = tmp_path / "newer.csv"
+    demo_data.write_log(newer, n_users=30, n_days=5, seed=99)  # other users, mostly unseen items
+    work = tmp_path / "saved"
+    shutil.copytree(save_dir, work)
+    assert train.main(["--export_only", "--data_path", str(newer), "--save_dir", str(work), "--no_redis",
+                       "--no-progress"]) == 0
+    user_ids, vectors, version = model_io.load_vectors(work)
+    assert len(user_ids) == 30 and np.isfinite(vectors).all()
+    assert version == model_io.read_config(save_dir)["model_version"]
+
+
+def test_torn_save_leaves_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "long_term.pth"
+    model_io.atomic_torch_save({"w": torch.ones(3)}, path)
+
+    def crash(obj, f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model_io.atomic_torch_save({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["long_term.pth"]
+
+
+def test_non_finite_loss_stops_with_clear_message(demo_log, tmp_path, monkeypatch):
+    real = train.triplet_loss
+
+    def nan_loss(cfg, long_v, short_v, shift):
+        loss, metrics = real(cfg, long_v, short_v, shift)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(train, "triplet_loss", nan_loss)
+    with pytest.raises(SystemExit, match="loss became nan .* no weights were written"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY])
+    assert not (tmp_path / "long_term.pth").exists()
+
+
+def test_non_finite_loss_keeps_last_good_weights(demo_log, tmp_path, monkeypatch):
+    real = train.train_epoch
+
+    def flaky(model, opts, seqs, users, cfg, device, epoch):
+        if epoch == 1:
+            raise train.NonFiniteLoss("loss became nan at epoch 2, step 1")
+        return real(model, opts, seqs, users, cfg, device, epoch)
+
+    monkeypatch.setattr(train, "train_epoch", flaky)
+    with pytest.raises(SystemExit, match="last good weights \\(epoch 1\\)"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY,
+                    "--epochs", "3"])
+    model, _, _ = model_io.load_model(tmp_path)
+    ckpt = torch.load(tmp_path / model_io.CHECKPOINT_FILE, weights_only=False)
+    assert ckpt["epoch"] == 1
+    for key, value in model.long_term.state_dict().items():
+        assert torch.equal(value, ckpt["best"]["state"][f"long_term.{key}"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_flag"], "unrecognized arguments"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--loss", "hinge"], "invalid choice"),
+    (["--n_min", "50", "--n_max", "20"], "--n_min"),
+    (["--moe_activated", "9", "--moe_experts", "4"], "--moe_activated"),
+    (["--val_fraction", "1.5"], "--val_fraction"),
+])
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_path_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(Exception, match=re.escape(str(missing))):
+        train.main(["--data_path", str(missing), "--save_dir", str(tmp_path), "--no_redis", *TINY])
+
+
+def test_help_lists_every_constant():
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for name in train._constants():
+        assert f"--{name.lower()}" in out
+
+
+def test_readme_reading_snippet_runs_as_written(trained, monkeypatch):
+    """The README's reader, executed verbatim; only redis.Redis()'s default port points at the test server."""
+    save_dir, url = trained
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- reader-snippet -->\s*```python\n(.*?)```", text, re.S).group(1)
+    user_ids, vectors, _ = model_io.load_vectors(save_dir)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    shim = types.ModuleType("redis")
+    shim.Redis = lambda host="localhost", port_=port, **kw: redis.Redis(host=host, port=port_, **kw)
+    monkeypatch.setitem(sys.modules, "redis", shim)
+    r = redis.Redis(port=port)
+    r.set(str(user_ids[0]), r.get(f"e2e:{user_ids[0]}"))  # the README reads the default, unprefixed layout
+    namespace = {"user_id": str(user_ids[0])}
+    exec(snippet, namespace)
+    assert np.allclose(namespace["vector"], vectors[0], atol=1e-6)
+    r.delete(str(user_ids[0]))

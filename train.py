@@ -1,0 +1,471 @@
+"""
+Train user long-term-interest vectors from a behaviour log and publish them to Redis.
+
+End to end on the built-in demo log, set-up included (creates .venv, starts a bundled Redis):
+    bash run.sh
+On a real log (Tianchi tianchi_mobile_recommend_train_user.csv, or Taobao UserBehavior.csv):
+    python train.py --data_path DATA/train_user --save_dir saved_models
+Daily refresh with the saved model and vocabulary (no training), or re-publish the saved vectors:
+    python train.py --export_only --data_path DATA/train_user
+    python train.py --republish --redis_url redis://host:6379/0
+Every constant below is also a flag: --epochs 10, --moe_balance bias, --no-evaluate, ...
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The MoE issues hundreds of small matmuls per step; OpenMP's default spin-wait made them 4x slower when
+# another process shares the cores. Read once, when torch loads, so it is set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from tqdm.auto import tqdm
+
+import data
+import demo_data
+import inference
+import model_io
+import redis_store
+import runtime
+from DeepSeekMoE import MoEConfig
+from LongTermInterestModel import LongTermInterestModel, ModelConfig, bpr_loss, info_nce_loss
+
+# -----------------------------------------------------------------------------
+# I/O
+DATA_PATH = "DATA/train_user"  # folder holding the log, or the .csv / .csv.gz itself
+DATA_FORMAT = "auto"  # auto | tianchi | userbehavior (auto reads the first line)
+SAVE_DIR = "saved_models"  # weights, config.json, vocab.npz, checkpoint.pt, user_vectors.npz
+RESUME = False  # continue an interrupted run from SAVE_DIR/checkpoint.pt
+EXPORT_ONLY = False  # no training: vectors for DATA_PATH's log from the saved model, then publish
+REPUBLISH = False  # no training, no data: publish SAVE_DIR/user_vectors.npz again
+DEMO_USERS = 1500  # users in the demo log generated when the default DATA_PATH holds no log
+# data
+STRICT = False  # stop at the first malformed row instead of skipping and counting it
+DEDUPE = False  # drop exact duplicate rows (kept by default: hour-precision logs repeat real clicks)
+MIN_ITEM_COUNT = 3  # items seen fewer times share the reserved "unknown" row (3 measured best: see data.py)
+N_MIN = 100  # long-term sequences are padded to at least this many events
+N_MAX = 200  # ... and keep at most the most recent N_MAX events (also used for export)
+K_MIN = 10  # short-term sequences are padded to at least this many events
+K_MAX = 20  # ... and keep at most the most recent K_MAX events
+VAL_FRACTION = 0.1  # share of trainable users held out to choose the best epoch
+# model
+ITEM_EMBEDDING_DIM = 128  # item table width (rows x this x 4 bytes, times 3 with Adam state)
+CATEGORY_EMBEDDING_DIM = 64  # category table width
+WIDTH = 128  # model width after the feature projection (the MoE and tower width)
+HIDDEN_DIM = 128  # size of the exported user vector
+DEPTH = 4  # Transformer layers per tower
+HEADS = 8  # attention heads per layer
+HEAD_DIM = 64  # width of each head
+DROPOUT = 0.1  # dropout in towers and experts
+POOLING = "cls"  # cls | mean: how a tower turns the sequence into one vector
+# MoE
+MOE_EXPERTS = 100  # routed experts
+MOE_SHARED = 1  # shared experts, applied to every token
+MOE_ACTIVATED = 2  # experts chosen per token (top-k)
+MOE_HIDDEN = 512  # hidden width of each SwiGLU expert
+MOE_BALANCE = "seed"  # seed (penalise last epoch's heavy experts) | bias (DeepSeek-V3 aux-loss-free) | none
+# optimisation
+EPOCHS = 5  # passes over the training users
+BATCH_SIZE = 256  # triplets per step
+LR = 1e-3  # Adam learning rate (dense parameters) and SparseAdam (item table)
+LOSS = "bpr"  # bpr (seed: long vs own short vs another user's short) | infonce (in-batch negatives)
+TAU = 1.0  # temperature on cosine similarities; 1.0 reproduces the seed's BPR
+SEED = 1337  # seeds data split, initialisation, dropout and negatives
+DEVICE = "auto"  # auto | cpu | cuda | cuda:N (auto takes CUDA when present)
+# export and Redis
+EXPORT_BATCH_SIZE = 512  # users per inference batch when computing vectors
+REDIS_URL = ""  # redis://[:password@]host:port/db or rediss://; empty = localhost:6379, started if needed
+REDIS_PREFIX = ""  # key prefix; empty keeps the seed's layout (key = raw user id)
+REDIS_FORMAT = "json"  # json (json.loads(r.get(uid))) | f32 (np.frombuffer(r.get(uid), '<f4'), 4x smaller)
+REDIS_LAYOUT = "plain"  # plain (key per user) | versioned (keys per model version + a pointer switched at the end)
+REDIS_TTL = 0  # seconds before published vectors expire; 0 = never
+NO_REDIS = False  # write vectors to disk only
+PROGRESS = True  # progress bars
+# -----------------------------------------------------------------------------
+CHOICES = {
+    "data_format": ("auto", "tianchi", "userbehavior"),
+    "pooling": ("cls", "mean"),
+    "moe_balance": ("seed", "bias", "none"),
+    "loss": ("bpr", "infonce"),
+    "redis_format": ("json", "f32"),
+    "redis_layout": ("plain", "versioned"),
+}
+# Flags that must be strictly positive / within [0, 1).
+POSITIVE = ("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
+            "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
+            "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size")
+FRACTIONS = ("val_fraction", "dropout")
+EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
+
+
+def _constants() -> dict[str, tuple[Any, str]]:
+    """The upper-case constants above with their one-line comments (the flags' help)."""
+    src = Path(__file__).read_text()
+    comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", src, re.M))
+    return {name: (globals()[name], comments.get(name, "")) for name in comments if name not in ("EXIT_REDIS",)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    for name, (default, help_) in _constants().items():
+        flag = "--" + name.lower()
+        if isinstance(default, bool):
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, default=default, type=type(default), help=f"{help_} (default: {default})",
+                           choices=CHOICES.get(name.lower()))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    cfg = p.parse_args(argv)
+    for key in POSITIVE:
+        if getattr(cfg, key) <= 0:
+            p.error(f"--{key} must be > 0, got {getattr(cfg, key)}")
+    for key in FRACTIONS:
+        if not 0 <= getattr(cfg, key) < 1:
+            p.error(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.n_min > cfg.n_max:
+        p.error(f"--n_min ({cfg.n_min}) must not exceed --n_max ({cfg.n_max})")
+    if cfg.k_min > cfg.k_max:
+        p.error(f"--k_min ({cfg.k_min}) must not exceed --k_max ({cfg.k_max})")
+    if cfg.moe_activated > cfg.moe_experts:
+        p.error(f"--moe_activated ({cfg.moe_activated}) must not exceed --moe_experts ({cfg.moe_experts})")
+    if cfg.export_only and cfg.republish:
+        p.error("--export_only and --republish exclude each other")
+    if cfg.redis_ttl < 0:
+        p.error(f"--redis_ttl must be >= 0, got {cfg.redis_ttl}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def load_sequences(cfg, vocab=None):
+    """Read the log (generating the demo log when the default folder is empty) and build sequences."""
+    path = Path(cfg.data_path)
+    if cfg.data_path == DATA_PATH and not _has_log(path):
+        target = path / "tianchi_mobile_recommend_train_user.csv"
+        print(f"No log under {path}/: generating the demo log ({cfg.demo_users} users) at {target}")
+        demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
+    events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
+                                      dedupe=cfg.dedupe, progress=cfg.progress)
+    print(report.summary())
+    if vocab is None:
+        vocab = data.Vocab.fit(events, min_item_count=cfg.min_item_count)
+        print(vocab.summary())
+    seqs = data.build_sequences(events, vocab)
+    print(seqs.summary())
+    return seqs, vocab
+
+
+def _has_log(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.glob("*.csv*")))
+
+
+def split_users(seqs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trainable users split into (train, validation), seeded."""
+    users = np.asarray(seqs.trainable)
+    if len(users) < 2:
+        raise SystemExit(f"only {len(users)} user(s) have the 2+ events needed for a long and a short sequence: "
+                         "training needs at least 2")
+    users = np.random.default_rng([seed, 0]).permutation(users)
+    n_val = int(round(val_fraction * len(users)))
+    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(users) - 1)
+    return np.sort(users[n_val:]), np.sort(users[:n_val])
+
+
+# -----------------------------------------------------------------------------
+# model and optimisers
+
+def build_model(cfg, vocab):
+    mcfg = ModelConfig(n_items=vocab.n_items, n_categories=vocab.n_categories,
+                       item_embedding_dim=cfg.item_embedding_dim, category_embedding_dim=cfg.category_embedding_dim,
+                       width=cfg.width, depth=cfg.depth, heads=cfg.heads, head_dim=cfg.head_dim,
+                       hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, max_positions=max(cfg.n_max, cfg.k_max),
+                       pooling=cfg.pooling)
+    moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
+                    n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
+                    balance=cfg.moe_balance)
+    return LongTermInterestModel(mcfg, moe)
+
+
+def build_optimizers(model, lr: float):
+    """Adam for the dense parameters (the seed's settings); SparseAdam for the item table, whose dense
+    update would cost more than the whole forward and backward on a real log."""
+    sparse, dense = model.param_groups()
+    opts = [torch.optim.Adam(dense, lr=lr, fused=True)]  # fused: one kernel, ~10x faster than foreach on CPU
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=lr))
+    return opts
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def encode_pair(model, seqs, users, cfg, device, return_stats=False):
+    """Long-tower vectors of the users' long parts and short-tower vectors of their short parts."""
+    to_t = inference.batch_to_tensors
+    long_b = to_t(seqs.batch(users, "long", cfg.n_min, cfg.n_max), device)
+    short_b = to_t(seqs.batch(users, "short", cfg.k_min, cfg.k_max), device)
+    with inference.autocast(device):
+        if not return_stats:
+            return model.encode(long_b, tower="long").float(), model.encode(short_b, tower="short").float()
+        lv, s1 = model.encode(long_b, tower="long", return_stats=True)
+        sv, s2 = model.encode(short_b, tower="short", return_stats=True)
+    return lv.float(), sv.float(), s1.counts + s2.counts
+
+
+def triplet_loss(cfg, long_v, short_v, neg_shift: int):
+    """The configured loss; for BPR the negative is another user's short vector (a fixed rotation)."""
+    if cfg.loss == "bpr":
+        return bpr_loss(long_v, short_v, short_v.roll(neg_shift, dims=0), tau=cfg.tau)
+    return info_nce_loss(long_v, short_v, tau=cfg.tau)
+
+
+def epoch_batches(users: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled users cut into near-equal batches of at most batch_size and at least 2 (a negative needs
+    another user in the batch)."""
+    order = rng.permutation(users)
+    n_batches = min(math.ceil(len(order) / batch_size), len(order) // 2)
+    return np.array_split(order, max(n_batches, 1))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_epoch(model, opts, seqs, users, cfg, device, epoch: int) -> dict[str, float]:
+    """One pass over the training users; returns the mean loss and throughput. The epoch's shuffling and
+    negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones."""
+    rng = np.random.default_rng([cfg.seed, 1, epoch])
+    model.train()
+    batches = epoch_batches(users, cfg.batch_size, rng)
+    total, seen, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
+               dynamic_ncols=True)
+    for step, batch_users in enumerate(bar):
+        long_v, short_v, _ = encode_pair(model, seqs, batch_users, cfg, device, return_stats=True)
+        loss, _ = triplet_loss(cfg, long_v, short_v, int(rng.integers(1, len(batch_users))))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+        model.moe_layer.after_step()
+        total += value * len(batch_users)
+        seen += len(batch_users)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    seconds = time.perf_counter() - t0
+    return {"train_loss": total / seen, "seconds": seconds, "triplets_per_s": seen / seconds}
+
+
+def validate(model, seqs, users, cfg, device) -> dict[str, float]:
+    """BPR loss with fixed negatives (the next user's short vector) and re-identification MRR among the
+    validation users: rank of a user's own short vector by cosine with their long vector."""
+    if len(users) < 2:
+        return {}
+    kw = dict(device=device, progress=False, batch_size=cfg.export_batch_size)
+    long_v = torch.from_numpy(inference.compute_user_vectors(
+        model, seqs, users, part="long", tower="long", min_len=cfg.n_min, max_len=cfg.n_max, **kw))
+    short_v = torch.from_numpy(inference.compute_user_vectors(
+        model, seqs, users, part="short", tower="short", min_len=cfg.k_min, max_len=cfg.k_max, **kw))
+    loss, metrics = bpr_loss(long_v, short_v, short_v.roll(1, dims=0), tau=cfg.tau)
+    sims = long_v @ short_v.T  # (V, V), vectors are L2-normalised
+    rank = (sims > sims.diag().unsqueeze(1)).sum(1) + 1
+    return {"val_loss": loss.item(), "val_acc": float(metrics["acc"]),
+            "val_mrr": (1.0 / rank.double()).mean().item(), "val_recall@10": (rank <= 10).double().mean().item()}
+
+
+# Settings that define the model and data: a checkpoint only resumes when they are unchanged.
+RESUME_KEYS = ("data_path", "data_format", "dedupe", "min_item_count", "n_min", "n_max", "k_min", "k_max",
+               "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
+               "heads", "head_dim", "dropout", "pooling", "moe_experts", "moe_shared", "moe_activated",
+               "moe_hidden", "moe_balance", "batch_size", "lr", "loss", "tau", "seed")
+
+
+def checkpoint_state(model, opts, epoch, best, history, cfg) -> dict[str, Any]:
+    return {"epoch": epoch, "model": model.state_dict(), "optimizers": [o.state_dict() for o in opts],
+            "best": best, "history": history, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": {k: getattr(cfg, k) for k in RESUME_KEYS}}
+
+
+def restore_checkpoint(path: Path, model, opts, cfg) -> tuple[int, dict, list]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k) != v}
+    if changed:
+        raise SystemExit(f"--resume: {path} was made with other settings "
+                         + ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(opts, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["epoch"], ckpt["best"], ckpt["history"]
+
+
+def format_epoch(rec: dict[str, Any]) -> str:
+    moe = rec.get("moe", {})
+    val = (f"val loss {rec['val_loss']:.4f} acc {rec['val_acc']:.3f} MRR {rec['val_mrr']:.3f} "
+           if "val_loss" in rec else "")
+    return (f"epoch {rec['epoch']}: train loss {rec['train_loss']:.4f} | {val}| "
+            f"{rec['triplets_per_s']:.1f} triplets/s | experts: max-violation {moe.get('max_violation', 0):.2f} "
+            f"cv {moe.get('cv', 0):.2f} dead {moe.get('dead', 0)} load {_load_summary(moe.get('load'))}")
+
+
+def _load_summary(load) -> str:
+    if not load:
+        return "-"
+    share = np.asarray(load, dtype=float) / max(sum(load), 1)
+    q = np.quantile(share, [0, 0.5, 1])
+    return f"share min/median/max {q[0]:.3%}/{q[1]:.3%}/{q[2]:.3%}"
+
+
+def train(cfg, model, seqs, train_users, val_users, device) -> tuple[dict, list]:
+    """The epoch loop: returns (best state_dict chosen on validation, history)."""
+    opts = build_optimizers(model, cfg.lr)
+    save_dir = Path(cfg.save_dir)
+    ckpt_path = save_dir / model_io.CHECKPOINT_FILE
+    start, best, history = 0, {"epoch": 0, "score": -math.inf, "state": None}, []
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        start, best, history = restore_checkpoint(ckpt_path, model, opts, cfg)
+        print(f"resumed from {ckpt_path} after epoch {start}")
+    for epoch in range(start, cfg.epochs):
+        try:
+            rec = {"epoch": epoch + 1, **train_epoch(model, opts, seqs, train_users, cfg, device, epoch)}
+        except NonFiniteLoss as e:
+            e.best, e.history = best, history
+            raise
+        rec["moe"] = model.moe_layer.end_epoch()
+        rec.update(validate(model, seqs, val_users, cfg, device))
+        score = rec.get("val_mrr", -rec["train_loss"])  # no validation users: fall back on the training loss
+        if score > best["score"]:
+            best = {"epoch": epoch + 1, "score": score,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        history.append(rec)
+        print(format_epoch(rec))
+        model_io.atomic_torch_save(checkpoint_state(model, opts, epoch + 1, best, history, cfg), ckpt_path)
+    return best, history
+
+
+# -----------------------------------------------------------------------------
+# export
+
+def redis_flags(cfg, url: str) -> str:
+    """The Redis flags of this run, for the re-publish hint (password masked)."""
+    flags = f" --redis_url {redis_store.safe_url(url)}"
+    for key in ("redis_prefix", "redis_format", "redis_layout", "redis_ttl"):
+        if getattr(cfg, key) != globals()[key.upper()]:
+            flags += f" --{key} {getattr(cfg, key)}"
+    return flags
+
+
+def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vectors_path: Path) -> int:
+    """Publish to Redis; returns the process exit status (0, or EXIT_REDIS with the vectors safe on disk)."""
+    if cfg.no_redis:
+        print(f"--no_redis: vectors are in {vectors_path}; publish later with "
+              f"python train.py --republish --save_dir {cfg.save_dir}")
+        return 0
+    try:
+        url = cfg.redis_url
+        if not url:
+            url, started = redis_store.ensure_local_server(Path(cfg.save_dir) / "redis")
+            if started:
+                print(f"started a bundled Redis-compatible server (Valkey) at {url}, data in "
+                      f"{Path(cfg.save_dir) / 'redis'}; stop it with: {redis_store.stop_hint(Path(cfg.save_dir) / 'redis')}")
+        hint = f"python train.py --republish --save_dir {cfg.save_dir}" + redis_flags(cfg, url)
+        client = redis_store.connect(url, vectors_path=str(vectors_path), republish_hint=hint)
+        summary = redis_store.publish(client, user_ids, vectors, prefix=cfg.redis_prefix, fmt=cfg.redis_format,
+                                      layout=cfg.redis_layout, version=version, ttl=cfg.redis_ttl or None,
+                                      progress=cfg.progress, vectors_path=str(vectors_path), republish_hint=hint)
+    except redis_store.RedisExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REDIS
+    print(f"published {summary['count']} vectors to {redis_store.safe_url(url)} "
+          f"(format {cfg.redis_format}, layout {cfg.redis_layout}, model {version})")
+    example = int(user_ids[0])
+    if cfg.redis_layout == "plain" and cfg.redis_format == "json":
+        print(f"read one back: python -c \"import json, redis; r = redis.Redis.from_url('{redis_store.safe_url(url)}'); "
+              f"print(json.loads(r.get('{cfg.redis_prefix}{example}'))[:4])\"")
+    return 0
+
+
+def export(cfg, model, seqs, version: str, device) -> int:
+    """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis."""
+    t0 = time.perf_counter()
+    vectors = inference.compute_user_vectors(model, seqs, part="all", tower="long", min_len=cfg.n_min,
+                                             max_len=cfg.n_max, batch_size=cfg.export_batch_size, device=device,
+                                             progress=cfg.progress)
+    seconds = time.perf_counter() - t0
+    path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
+    print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
+          f"-> {path}")
+    return publish(cfg, seqs.user_ids, vectors, version, path)
+
+
+def run_export_only(cfg, device) -> int:
+    """--republish: the saved vectors again; --export_only: new vectors for a (newer) log, saved model."""
+    if cfg.republish:
+        user_ids, vectors, version = model_io.load_vectors(cfg.save_dir)
+        print(f"re-publishing {len(user_ids)} vectors of model {version} from {cfg.save_dir}")
+        return publish(cfg, user_ids, vectors, version, Path(cfg.save_dir) / model_io.VECTORS_FILE)
+    model, vocab, config = model_io.load_model(cfg.save_dir, device)
+    for key in ("n_min", "n_max"):  # sequences as the model was trained on
+        setattr(cfg, key, config["train"][key])
+    seqs, _ = load_sequences(cfg, vocab)
+    return export(cfg, model, seqs, config["model_version"], device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    runtime.tune_malloc()
+    device = runtime.pick_device(cfg.device)
+    print("config: " + json.dumps(vars(cfg), sort_keys=True))
+    if cfg.export_only or cfg.republish:
+        return run_export_only(cfg, device)
+    runtime.seed_everything(cfg.seed)
+    seqs, vocab = load_sequences(cfg)
+    train_users, val_users = split_users(seqs, cfg.val_fraction, cfg.seed)
+    print(f"training on {len(train_users)} users, validating on {len(val_users)}, device {device}")
+    model = build_model(cfg, vocab).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
+          f"in the item table)")
+    try:
+        best, history = train(cfg, model, seqs, train_users, val_users, device)
+    except NonFiniteLoss as e:
+        if e.best["state"] is None:
+            raise SystemExit(f"error: {e}; no epoch finished, so no weights were written. "
+                             "Try a lower --lr.") from None
+        model.load_state_dict(e.best["state"])
+        model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), {"history": e.history})
+        raise SystemExit(f"error: {e}; saved the last good weights (epoch {e.best['epoch']}) to "
+                         f"{cfg.save_dir}/ and stopped before export. Try a lower --lr.") from None
+    model.load_state_dict(best["state"])
+    version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg),
+                                  {"best_epoch": best["epoch"], "history": history})
+    print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/")
+    return export(cfg, model, seqs, version, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
