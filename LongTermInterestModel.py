@@ -122,6 +122,22 @@ class FeatureEmbedding(nn.Module):
         return x * mask.unsqueeze(-1).to(x.dtype)
 
 
+def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) with dropout on the probabilities, @ v: what SDPA computes with
+    dropout_p = p, written out because SDPA's CPU math path (the only one with dropout) is ~25% slower
+    (it converts the bool mask per head and scans the scores for fully masked rows).
+
+    q, k, v (B, H, N, hd); attn_mask (B, 1, 1, N) bool, True = key may be attended to -> (B, H, N, hd).
+    """
+    b, h, n, hd = q.shape
+    bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float('-inf'))
+    bias = bias.expand(b, h, 1, n).reshape(b * h, 1, n)                     # (BH, 1, N) additive key mask
+    scores = torch.baddbmm(bias, q.reshape(b * h, n, hd), k.reshape(b * h, n, hd).transpose(1, 2),
+                           alpha=hd ** -0.5)                                # (BH, N, N)
+    probs = F.dropout(scores.softmax(-1), p, True)
+    return torch.bmm(probs, v.reshape(b * h, n, hd)).view(b, h, n, hd)
+
+
 class Block(nn.Module):
     """Pre-norm Transformer layer: x + attn(LN(x)), then x + FF(LN(x))."""
 
@@ -142,8 +158,10 @@ class Block(nn.Module):
         """x (B, N, C); attn_mask (B, 1, 1, N) bool, True = key may be attended to."""
         b, n, _ = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.p_drop if self.training else 0.0)   # (B, H, N, hd)
+        if self.training and self.p_drop > 0:
+            a = _attention_dropout(q, k, v, attn_mask, self.p_drop)                          # (B, H, N, hd)
+        else:   # SDPA's fused (flash) CPU kernel, which has no dropout
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)                 # (B, H, N, hd)
         x = x + self.dropout(self.out(a.transpose(1, 2).reshape(b, n, -1)))
         return x + self.dropout(self.ff(self.norm2(x)))
 

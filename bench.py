@@ -1,14 +1,20 @@
-"""Benchmarks: a registry of named sections, each printing absolute numbers and ratios measured
-side by side in the same run.
+"""Benchmarks: one script, a registry of named sections, each printing absolute numbers and ratios
+against a reference measured side by side in the same run (the machine is shared and noisy).
 
-    python bench.py                      # every section
-    python bench.py --only data          # one section (comma-separated names for several)
+    python bench.py                      # every section at a size that runs in a few minutes on 2 cores
+    python bench.py --full               # the issue's sizes (12M-row log, 200k Redis vectors, batch 256, ...)
+    python bench.py --only train,inference --json bench.json
     python bench.py --list               # section names
 
-Every heavy measurement runs in a fresh Python process (`python bench.py --task NAME ...`), so each
-row's peak RSS is its own and one run cannot warm caches for the next. `extra RSS` is the peak minus
-the process's RSS after its imports. The machine may be shared: `--repeat N` keeps each task's fastest
-of N runs.
+Sections: data (read -> CSR vs pandas and a naive pipeline), moe (MoE vs dense SwiGLU vs naive loop),
+train (triplets/s with the optimiser, MFU against a GEMM peak, malloc tuning on/off), inference (export
+users/s vs the training rate), redis (publish vs a raw-socket SET ceiling), gpu (only with CUDA).
+The last table lists every goal with its measured value and PASS/MISS.
+
+Heavy measurements run in a fresh Python process (`python bench.py --task NAME ...`), so each row's peak
+RSS is its own and one run cannot warm caches for the next. `extra RSS` is the peak minus the process's
+RSS after its imports. Timed figures are medians of repeats; ratios are medians of per-repeat ratios
+measured back to back (paired), so load that comes and goes cancels out.
 
 Sections add themselves with the `section` decorator; child tasks with `task`.
 """
@@ -18,14 +24,21 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from typing import Callable
 
+# libgomp reads this when torch loads: spin-waiting threads make the MoE's many small parallel regions
+# several times slower when another process holds a core (see train.py).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS: dict[str, tuple[Callable, str]] = {}
 TASKS: dict[str, Callable] = {}
+GOALS: list[dict] = []          # every section appends its goals; printed last and written to --json
+RESULTS: dict[str, object] = {}  # section name -> its rows, for --json
 
 
 def section(name: str, help: str):
@@ -60,12 +73,15 @@ def _run_child(name: str, kwargs: dict) -> None:
     print('@@RESULT ' + json.dumps({'seconds': seconds, 'peak_rss_mb': peak, 'base_rss_mb': base, **extra}))
 
 
-def run_task(name: str, repeat: int = 1, timeout: float = 1800, **kwargs) -> dict:
-    """Run a registered task in a fresh process `repeat` times; keep the fastest run."""
+def run_task(name: str, repeat: int = 1, timeout: float = 1800, env: dict | None = None, **kwargs) -> dict:
+    """Run a registered task in a fresh process `repeat` times; keep the fastest run.
+
+    env: extra environment variables of the child (e.g. LTI_DEFAULT_MALLOC=1)."""
     best = None
     for _ in range(max(1, repeat)):
         cmd = [sys.executable, os.path.abspath(__file__), '--task', name, '--task_args', json.dumps(kwargs)]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=timeout,
+                           env={**os.environ, **(env or {})})
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith('@@RESULT ')]
         if p.returncode != 0 or not lines:
             raise RuntimeError(f'bench task {name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}')
@@ -73,6 +89,18 @@ def run_task(name: str, repeat: int = 1, timeout: float = 1800, **kwargs) -> dic
         if best is None or res['seconds'] < best['seconds']:
             best = res
     return best
+
+
+def add_goal(section_name: str, goal: str, value: float, target: float, op: str, unit: str = '') -> bool:
+    """Record a goal (op '>=' or '<='); returns whether it is met."""
+    met = value >= target if op == '>=' else value <= target
+    GOALS.append({'section': section_name, 'goal': goal, 'measured': value, 'target': f'{op} {target:g}{unit}',
+                  'unit': unit, 'met': met})
+    return met
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
@@ -160,14 +188,14 @@ def _task_coverage(path: str) -> dict:
 
 
 def _default_bench_file(rows: int) -> str:
-    return os.path.join('/tmp', 'bench_data', f'tianchi_{rows // 1_000_000}M.csv')
+    return os.path.join('/tmp', 'bench_data', f'tianchi_{rows / 1e6:g}M.csv')
 
 
 @section('data', 'read -> validate -> encode -> CSR vs bare read_csv and a naive pipeline; item-table coverage')
 def bench_data(args) -> None:
     path = args.data_file or _default_bench_file(args.rows)
     if not os.path.exists(path):
-        users = 10_000
+        users = max(1000, args.rows // 1200)
         print(f'generating {path} ({args.rows:,} rows, {users:,} users) ...', flush=True)
         # the log-normal activity is clipped at 50x the mean, which loses ~3% of the rows
         g = run_task('data.generate', path=path, users=users, mean_events=args.rows / users / 0.97, seed=1)
@@ -193,7 +221,7 @@ def bench_data(args) -> None:
         rows.append(row('naive: read_csv + LabelEncoder* + to_datetime + groupby.agg(list)',
                         naive['seconds'], naive,
                         f'encode+to_datetime {naive["encode_s"]:.1f} s, sort+tuples+groupby {naive["group_s"]:.1f} s'))
-    print_table('data pipeline (12M-row Tianchi-format file)',
+    print_table(f'data pipeline ({args.rows / 1e6:g}M-row Tianchi-format file)',
                 ['step', 'seconds', 'peak RSS MB', 'extra RSS MB', 'vs bare read', 'notes'], rows)
     print('  * sklearn is not installed: LabelEncoder is emulated with np.unique(return_inverse=True), '
           'which is what its fit_transform does.')
@@ -203,9 +231,9 @@ def bench_data(args) -> None:
     if naive:
         goals.append(('speed-up over naive (naive / pipeline)',
                       naive['seconds'] / pipe['seconds_total'], 3.0, '>='))
-    print_table('goals', ['goal', 'measured', 'target', 'met'],
-                [[g, f'{v:.2f}', f'{op} {t:g}', 'yes' if (v <= t if op == '<=' else v >= t) else 'NO']
-                 for g, v, t, op in goals])
+    for g, v, t, op in goals:
+        add_goal('data', g, v, t, op, ' GB' if 'GB' in g else 'x')
+    RESULTS['data'] = {'bare': bare, 'pipeline': pipe, 'naive': naive, 'rows': args.rows}
 
     if args.skip_coverage:
         return

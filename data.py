@@ -499,9 +499,13 @@ def split_at_hour(events: pd.DataFrame, cutoff_hour: int) -> tuple[pd.DataFrame,
     return events.loc[before].reset_index(drop=True), events.loc[~before].reset_index(drop=True)
 
 
-def last_days_cutoff(events: pd.DataFrame, n_days: int = 1) -> int:
-    """Hour at which the log's last `n_days` calendar days (China time) begin."""
-    last_day = int(events['hour'].max()) // 24
+def last_days_cutoff(events: pd.DataFrame, n_days: int = 1, trim: float = TIME_TRIM) -> int:
+    """Hour at which the log's last `n_days` calendar days (China time) begin.
+
+    The last day is taken at the (1 - trim) quantile of the hours, as Vocab.fit does for the time span, so
+    a few stray rows far past the log's end (the UserBehavior sample has some) do not make it an empty day.
+    """
+    last_day = int(np.quantile(events['hour'].to_numpy(), 1.0 - trim)) // 24
     return (last_day - n_days + 1) * 24
 
 
@@ -776,6 +780,21 @@ class Sequences:
         t[~mask] = 0.0
         out['time'] = t                                               # (B, L, 2)
         out['mask'] = mask
+        return out
+
+    def top_category(self, user_index) -> np.ndarray:
+        """(B,) each user's most frequent encoded category over all their events (ties: the smaller index)."""
+        start, end = self.part_bounds(user_index, 'all')
+        n = end - start
+        owner = np.repeat(np.arange(len(n)), n)                       # (E,) batch row of each event
+        pos = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n - start, n)
+        n_cat = int(self.category.max()) + 1 if self.n_events else 1
+        pairs, counts = np.unique(owner * n_cat + self.category[pos], return_counts=True)
+        rows, cats = pairs // n_cat, pairs % n_cat
+        order = np.lexsort((cats, -counts, rows))                     # per row: most frequent first
+        first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if len(order) else order
+        out = np.zeros(len(n), np.int64)
+        out[rows[first]] = cats[first]
         return out
 
     def summary(self) -> str:

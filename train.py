@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 
 import data
 import demo_data
+import evaluate
 import inference
 import model_io
 import redis_store
+import report
 import runtime
 from DeepSeekMoE import MoEConfig
 from LongTermInterestModel import LongTermInterestModel, ModelConfig, bpr_loss, info_nce_loss
@@ -58,6 +60,8 @@ N_MAX = 200  # ... and keep at most the most recent N_MAX events (also used for 
 K_MIN = 10  # short-term sequences are padded to at least this many events
 K_MAX = 20  # ... and keep at most the most recent K_MAX events
 VAL_FRACTION = 0.1  # share of trainable users held out to choose the best epoch
+EVALUATE = True  # hold out the log's last day (and TEST_FRACTION of users) and evaluate against baselines
+TEST_FRACTION = 0.1  # with EVALUATE: share of users never trained on, evaluated as 'heldout'
 # model
 ITEM_EMBEDDING_DIM = 128  # item table width (rows x this x 4 bytes, times 3 with Adam state)
 CATEGORY_EMBEDDING_DIM = 64  # category table width
@@ -104,7 +108,7 @@ CHOICES = {
 POSITIVE = ("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
             "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
             "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size")
-FRACTIONS = ("val_fraction", "dropout")
+FRACTIONS = ("val_fraction", "test_fraction", "dropout")
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 
 
@@ -153,38 +157,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -----------------------------------------------------------------------------
 # data
 
-def load_sequences(cfg, vocab=None):
-    """Read the log (generating the demo log when the default folder is empty) and build sequences."""
+def read_log(cfg):
+    """Read the log, generating the demo log first when the default folder holds none."""
     path = Path(cfg.data_path)
     if cfg.data_path == DATA_PATH and not _has_log(path):
-        target = path / "tianchi_mobile_recommend_train_user.csv"
+        target = path / data.TIANCHI_FILE
         print(f"No log under {path}/: generating the demo log ({cfg.demo_users} users) at {target}")
         demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
     events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
                                       dedupe=cfg.dedupe, progress=cfg.progress)
     print(report.summary())
-    if vocab is None:
-        vocab = data.Vocab.fit(events, min_item_count=cfg.min_item_count)
-        print(vocab.summary())
+    return events
+
+
+def split_target_day(events):
+    """(history, target-day events, cutoff hour): sequences and vocabulary only ever see history."""
+    cutoff = data.last_days_cutoff(events, 1)
+    history, target = data.split_at_hour(events, cutoff)
+    after = target["hour"].to_numpy() >= cutoff + 24
+    if after.any():
+        print(f"evaluation: {int(after.sum())} rows after the target day are left out of it")
+        target = target.loc[~after].reset_index(drop=True)
+    print(f"evaluation: target day {data.hour_to_str(cutoff)[:10]} ({len(target):,} events) held out of "
+          f"training; {len(history):,} earlier events form the sequences")
+    return history, target, cutoff
+
+
+def make_sequences(events, vocab, what: str = "sequences"):
     seqs = data.build_sequences(events, vocab)
-    print(seqs.summary())
-    return seqs, vocab
+    print(seqs.summary().replace("sequences", what, 1))
+    return seqs
 
 
 def _has_log(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.glob("*.csv*")))
 
 
-def split_users(seqs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Trainable users split into (train, validation), seeded."""
+def split_users(seqs, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trainable users split into (train, validation, test) indices, seeded. Test users (only with
+    --evaluate) are never trained on; validation users choose the best epoch."""
     users = np.asarray(seqs.trainable)
-    if len(users) < 2:
-        raise SystemExit(f"only {len(users)} user(s) have the 2+ events needed for a long and a short sequence: "
-                         "training needs at least 2")
-    users = np.random.default_rng([seed, 0]).permutation(users)
-    n_val = int(round(val_fraction * len(users)))
-    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(users) - 1)
-    return np.sort(users[n_val:]), np.sort(users[:n_val])
+    users = np.random.default_rng([cfg.seed, 0]).permutation(users)
+    n_test = int(round(cfg.test_fraction * len(users))) if cfg.evaluate else 0
+    n_val = int(round(cfg.val_fraction * len(users)))
+    if cfg.val_fraction > 0:
+        n_val = max(n_val, 2)  # validation ranks a user among the others: it needs two
+    if len(users) - n_test - n_val < 2:
+        raise SystemExit(f"only {len(users)} user(s) have the 2+ events needed for a long and a short sequence; "
+                         f"after holding out {n_test} test and {n_val} validation users fewer than 2 are left "
+                         "to train on (lower --test_fraction / --val_fraction, or --no-evaluate)")
+    test, val, train_ = users[:n_test], users[n_test:n_test + n_val], users[n_test + n_val:]
+    return np.sort(train_), np.sort(val), np.sort(test)
 
 
 # -----------------------------------------------------------------------------
@@ -431,8 +454,27 @@ def run_export_only(cfg, device) -> int:
     model, vocab, config = model_io.load_model(cfg.save_dir, device)
     for key in ("n_min", "n_max"):  # sequences as the model was trained on
         setattr(cfg, key, config["train"][key])
-    seqs, _ = load_sequences(cfg, vocab)
+    seqs = make_sequences(read_log(cfg), vocab)
     return export(cfg, model, seqs, config["model_version"], device)
+
+
+def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history, device) -> dict:
+    """Held-out metrics (ours beside the baselines) and the training report, both under save_dir."""
+    rng = np.random.default_rng([cfg.seed, 2])
+    n_train = min(len(train_users), max(len(test_users), 1000))  # a comparable sample of training users
+    groups = {"train": np.sort(rng.choice(train_users, n_train, replace=False))}
+    if len(test_users) >= 2:
+        groups["heldout"] = test_users
+    metrics = evaluate.evaluate(model, seqs, target, vocab, groups=groups, n_min=cfg.n_min, n_max=cfg.n_max,
+                                k_min=cfg.k_min, k_max=cfg.k_max, device=device,
+                                batch_size=cfg.export_batch_size, seed=cfg.seed, progress=cfg.progress)
+    print(evaluate.format_table(metrics))
+    users = np.concatenate(list(groups.values()))
+    vectors = inference.compute_user_vectors(model, seqs, users, part="all", min_len=cfg.n_min, max_len=cfg.n_max,
+                                             batch_size=cfg.export_batch_size, device=device, progress=False)
+    report.write_report(cfg.save_dir, history=history, metrics=metrics, user_vectors=vectors,
+                        top_category=seqs.top_category(users))
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,15 +485,20 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.export_only or cfg.republish:
         return run_export_only(cfg, device)
     runtime.seed_everything(cfg.seed)
-    seqs, vocab = load_sequences(cfg)
-    train_users, val_users = split_users(seqs, cfg.val_fraction, cfg.seed)
-    print(f"training on {len(train_users)} users, validating on {len(val_users)}, device {device}")
+    events = read_log(cfg)
+    history, target, cutoff = split_target_day(events) if cfg.evaluate else (events, None, None)
+    vocab = data.Vocab.fit(history, min_item_count=cfg.min_item_count)
+    print(vocab.summary())
+    seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
+    train_users, val_users, test_users = split_users(seqs, cfg)
+    print(f"training on {len(train_users)} users, validating on {len(val_users)}"
+          + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
     model = build_model(cfg, vocab).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
           f"in the item table)")
     try:
-        best, history = train(cfg, model, seqs, train_users, val_users, device)
+        best, history_log = train(cfg, model, seqs, train_users, val_users, device)
     except NonFiniteLoss as e:
         if e.best["state"] is None:
             raise SystemExit(f"error: {e}; no epoch finished, so no weights were written. "
@@ -461,9 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}; saved the last good weights (epoch {e.best['epoch']}) to "
                          f"{cfg.save_dir}/ and stopped before export. Try a lower --lr.") from None
     model.load_state_dict(best["state"])
-    version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg),
-                                  {"best_epoch": best["epoch"], "history": history})
+    extra = {"best_epoch": best["epoch"], "history": history_log}
+    if cfg.evaluate:
+        extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
+    version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), extra)
     print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/")
+    if cfg.evaluate:
+        run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
+        seqs = make_sequences(events, vocab, "export sequences (whole log)")
     return export(cfg, model, seqs, version, device)
 
 

@@ -5,7 +5,13 @@ free loopback port, without persistence. Tests share it, so each test keeps to i
 or database number (tests/test_redis_store.py uses prefixes 'rs-*' and databases 8-12).
 """
 
-import pytest
+import os
+
+# As train.py does: OpenMP's spin-wait makes the MoE's many small matmuls several times slower when the
+# cores are shared (CI runs on 2). Read once when torch loads, so it must be set before any test imports it.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import pytest  # noqa: E402
 
 import redis_store
 

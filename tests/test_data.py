@@ -433,3 +433,18 @@ def test_split_helpers():
     assert before['item_id'].tolist() == [1, 3] and after['item_id'].tolist() == [2]
     cov = data.item_coverage(before, (1, 2), after)
     assert cov['items'].tolist() == [2, 0] and cov['test_seen'].tolist() == [0.0, 0.0]
+
+
+def test_top_category_matches_a_slow_count():
+    rng = np.random.default_rng(5)
+    n = 400
+    events = pd.DataFrame({'user_id': rng.integers(1, 30, n), 'item_id': rng.integers(1, 50, n),
+                           'category_id': rng.integers(1, 6, n), 'behavior': np.ones(n, np.int8),
+                           'hour': rng.integers(390_000, 390_100, n)})
+    seqs = data.build_sequences(events, data.Vocab.fit(events, min_item_count=1))
+    users = np.arange(seqs.n_users)[::-1]
+    got = seqs.top_category(users)
+    for row, u in enumerate(users):
+        cats = seqs.category[seqs.offsets[u]:seqs.offsets[u + 1]]
+        values, counts = np.unique(cats, return_counts=True)
+        assert got[row] == values[np.argmax(counts)]

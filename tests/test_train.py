@@ -97,7 +97,7 @@ def test_userbehavior_sample_end_to_end(redis_server, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(demo_log, tmp_path):
-    common = ["--data_path", str(demo_log), "--no_redis", *TINY]
+    common = ["--data_path", str(demo_log), "--no_redis", "--no-evaluate", *TINY]
     assert train.main([*common, "--save_dir", str(tmp_path / "a"), "--epochs", "2"]) == 0
     assert train.main([*common, "--save_dir", str(tmp_path / "b"), "--epochs", "1"]) == 0
     assert train.main([*common, "--save_dir", str(tmp_path / "b"), "--epochs", "2", "--resume"]) == 0
@@ -112,7 +112,7 @@ def test_resume_equals_uninterrupted_run(demo_log, tmp_path):
 
 
 def test_resume_refuses_changed_settings(demo_log, tmp_path):
-    common = ["--data_path", str(demo_log), "--no_redis", "--save_dir", str(tmp_path), *TINY]
+    common = ["--data_path", str(demo_log), "--no_redis", "--no-evaluate", "--save_dir", str(tmp_path), *TINY]
     assert train.main(common) == 0
     with pytest.raises(SystemExit, match="--width"):
         train.main([*common, "--resume", "--epochs", "2", "--width", "32"])
@@ -121,7 +121,7 @@ def test_resume_refuses_changed_settings(demo_log, tmp_path):
 def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_path):
     port = redis_store.free_port()
     url = f"redis://127.0.0.1:{port}"
-    common = ["--save_dir", str(tmp_path), "--redis_url", url, *TINY]
+    common = ["--save_dir", str(tmp_path), "--redis_url", url, "--no-evaluate", *TINY]
     code = train.main(["--data_path", str(demo_log), *common])
     assert code == train.EXIT_REDIS
     user_ids, vectors, _ = model_io.load_vectors(tmp_path)  # safe on disk
@@ -216,6 +216,12 @@ def test_missing_data_path_names_it(tmp_path):
         train.main(["--data_path", str(missing), "--save_dir", str(tmp_path), "--no_redis", *TINY])
 
 
+def test_readme_documents_every_flag():
+    text = (ROOT / "README.md").read_text()
+    for name in train._constants():
+        assert f"`--{name.lower()}`" in text, name
+
+
 def test_help_lists_every_constant():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
@@ -239,3 +245,14 @@ def test_readme_reading_snippet_runs_as_written(trained, monkeypatch):
     exec(snippet, namespace)
     assert np.allclose(namespace["vector"], vectors[0], atol=1e-6)
     r.delete(str(user_ids[0]))
+
+
+def test_training_run_writes_evaluation_and_report(trained):
+    save_dir, _ = trained
+    config = model_io.read_config(save_dir)
+    heldout = config["eval"]["heldout_users"]
+    assert len(heldout) >= 2
+    metrics = json.loads((save_dir / "metrics.json").read_text())
+    assert metrics  # the evaluation's own tests check its content
+    for name in ("report_loss.png", "report_experts.png", "report_users.png"):
+        assert (save_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
