@@ -258,12 +258,20 @@ def triplet_loss(cfg, long_v, short_v, neg_shift: int):
     return info_nce_loss(long_v, short_v, tau=cfg.tau)
 
 
-def epoch_batches(users: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def epoch_batches(users: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  bucket: int = 16) -> list[np.ndarray]:
     """Shuffled users cut into near-equal batches of at most batch_size and at least 2 (a negative needs
-    another user in the batch)."""
+    another user in the batch). Within windows of `bucket` batches users are ordered by length, so a batch
+    is padded to its own users' lengths rather than to the longest history in the log; the batches are
+    then shuffled."""
     order = rng.permutation(users)
-    n_batches = min(math.ceil(len(order) / batch_size), len(order) // 2)
-    return np.array_split(order, max(n_batches, 1))
+    n_batches = max(min(math.ceil(len(order) / batch_size), len(order) // 2), 1)
+    window = math.ceil(len(order) / n_batches) * bucket
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        order[start:start + window] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+    batches = np.array_split(order, n_batches)
+    return [batches[i] for i in rng.permutation(n_batches)]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -275,7 +283,7 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int) -> dict[str, 
     negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones."""
     rng = np.random.default_rng([cfg.seed, 1, epoch])
     model.train()
-    batches = epoch_batches(users, cfg.batch_size, rng)
+    batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng)
     total, seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                dynamic_ncols=True)

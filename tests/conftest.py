@@ -13,7 +13,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import pytest  # noqa: E402
 
-import redis_store
+import redis_store  # noqa: E402
 
 
 @pytest.fixture(scope='session')

@@ -10,9 +10,10 @@ import pytest
 import data
 from data import DataError
 
-REAL = '/work/shared/real'
-TIANCHI_SAMPLE = os.path.join(REAL, 'qichen2020__sample_user_behavior.csv')
-UB_SAMPLE = os.path.join(REAL, 'Haohanblue__UserBehavior.csv')
+from real_samples import real_sample
+
+TIANCHI_SAMPLE = str(real_sample('qichen2020__sample_user_behavior.csv'))
+UB_SAMPLE = str(real_sample('Haohanblue__UserBehavior.csv'))
 HEADER = 'user_id,item_id,behavior_type,user_geohash,item_category,time\n'
 
 

@@ -16,9 +16,10 @@ import demo_data
 import model_io
 import redis_store
 import train
+from real_samples import real_sample
 
 ROOT = Path(__file__).resolve().parent.parent
-USERBEHAVIOR = ROOT.parent / "shared" / "real" / "Haohanblue__UserBehavior.csv"
+USERBEHAVIOR = real_sample("Haohanblue__UserBehavior.csv")
 
 # A model small enough to train in seconds on 2 cores, with every part present.
 TINY = ["--item_embedding_dim", "16", "--category_embedding_dim", "8", "--width", "16", "--hidden_dim", "8",
@@ -256,3 +257,16 @@ def test_training_run_writes_evaluation_and_report(trained):
     assert metrics  # the evaluation's own tests check its content
     for name in ("report_loss.png", "report_experts.png", "report_users.png"):
         assert (save_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_epoch_batches_cover_every_user_once_with_length_buckets():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 500, 1000)
+    users = np.arange(3, 1000)
+    batches = train.epoch_batches(users, lengths, 64, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == users.tolist()
+    assert all(2 <= len(b) <= 64 for b in batches)
+    # bucketing: a batch's lengths spread far less than a random batch's
+    spread = np.median([np.ptp(lengths[b]) for b in batches])
+    assert spread < 0.5 * np.ptp(lengths)
+    assert len(train.epoch_batches(np.arange(3), lengths, 64, rng)) == 1
