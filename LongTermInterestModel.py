@@ -20,6 +20,7 @@ to the log end) in the embedding carry the absolute timing and the gaps between 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -118,14 +119,15 @@ class FeatureEmbedding(nn.Module):
         parts = [self.item(batch['item']), self.category(batch['category']), self.weekday(batch['weekday']),
                  self.hour(batch['hour']), self.weekend(batch['weekend']), self.behavior(batch['behavior']),
                  self.time(batch['time'].to(self.time.weight.dtype))]
-        x = self.dropout(self.norm(self.proj(torch.cat(parts, dim=-1))))     # (B, L, width)
+        x = _dropout(self.norm(self.proj(torch.cat(parts, dim=-1))), self.dropout.p, self.training)   # (B, L, width)
         return x * mask.unsqueeze(-1).to(x.dtype)
 
 
 def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) with dropout on the probabilities, @ v: what SDPA computes with
     dropout_p = p, written out because SDPA's CPU math path (the only one with dropout) is ~25% slower
-    (it converts the bool mask per head and scans the scores for fully masked rows).
+    (it converts the bool mask per head and scans the scores for fully masked rows), and bernoulli_ masks
+    cost more than the attention matmuls.
 
     q, k, v (B, H, N, hd); attn_mask (B, 1, 1, N) bool, True = key may be attended to -> (B, H, N, hd).
     """
@@ -134,8 +136,27 @@ def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tens
     bias = bias.expand(b, h, 1, n).reshape(b * h, 1, n)                     # (BH, 1, N) additive key mask
     scores = torch.baddbmm(bias, q.reshape(b * h, n, hd), k.reshape(b * h, n, hd).transpose(1, 2),
                            alpha=hd ** -0.5)                                # (BH, N, N)
-    probs = F.dropout(scores.softmax(-1), p, True)
+    probs = scores.softmax(-1) * _dropout_scale(scores.shape, p, scores.dtype, scores.device)
     return torch.bmm(probs, v.reshape(b * h, n, hd)).view(b, h, n, hd)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training) with the cheaper mask of _dropout_scale."""
+    if not training or p == 0:
+        return x
+    return x * _dropout_scale(x.shape, p, x.dtype, x.device)
+
+
+def _dropout_scale(shape, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Inverted-dropout multiplier: 0 with probability p (to 1/65536), else 1 / (1 - p).
+
+    Drawn as 16 random bits per element from 64-bit draws: on the CPU ~8x cheaper than bernoulli_, which
+    took an eighth of a training step on the (B*H, N, N) attention probabilities.
+    """
+    numel = math.prod(shape)
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device)
+    keep = bits.view(torch.int16)[:numel].view(shape) >= round(p * 65536) - 32768
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
 
 
 class Block(nn.Module):
@@ -162,8 +183,9 @@ class Block(nn.Module):
             a = _attention_dropout(q, k, v, attn_mask, self.p_drop)                          # (B, H, N, hd)
         else:   # SDPA's fused (flash) CPU kernel, which has no dropout
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)                 # (B, H, N, hd)
-        x = x + self.dropout(self.out(a.transpose(1, 2).reshape(b, n, -1)))
-        return x + self.dropout(self.ff(self.norm2(x)))
+        p = self.dropout.p if self.training else 0.0
+        x = x + _dropout(self.out(a.transpose(1, 2).reshape(b, n, -1)), p)
+        return x + _dropout(self.ff(self.norm2(x)), p)
 
 
 class InterestTower(nn.Module):

