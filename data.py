@@ -25,13 +25,14 @@ import gzip
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from atomic_files import atomic_write
 
 # sequence lengths (the batch contract): long part padded to >= N_MIN, cut to <= N_MAX, short part K_MIN/K_MAX
 N_MIN, N_MAX = 100, 200
@@ -617,23 +618,11 @@ class Vocab:
 
     def save(self, path: str) -> None:
         """Write to `path` (conventionally <save dir>/vocab.npz) atomically: temp file, then os.replace."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                np.savez(f, version=np.int64(self.VERSION), items=self.items, item_counts=self.item_counts,
-                         categories=self.categories, category_counts=self.category_counts,
-                         scalars=np.array([self.t_min, self.t_max, self.min_item_count, self.n_events,
-                                           self.n_distinct_items], np.int64))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(
+            f, version=np.int64(self.VERSION), items=self.items, item_counts=self.item_counts,
+            categories=self.categories, category_counts=self.category_counts,
+            scalars=np.array([self.t_min, self.t_max, self.min_item_count, self.n_events, self.n_distinct_items],
+                             np.int64)))
 
     @classmethod
     def load(cls, path: str) -> 'Vocab':

@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import tempfile
 import time
 
 import numpy as np
 import pandas as pd
+
+from atomic_files import atomic_write
 
 START_DATE = '2014-11-18'
 TIANCHI_COLUMNS = ['user_id', 'item_id', 'behavior_type', 'user_geohash', 'item_category', 'time']
@@ -239,29 +240,17 @@ def write_log(path: str, n_users: int = 1500, n_days: int = 31, seed: int = 0,
     path = os.fspath(path)
     sim = _simulate(n_users, n_days, seed, mean_events, n_items, n_categories, dup_rate)
     time_table = np.frombuffer(''.join(_time_strings(sim['n_days'])).encode(), np.uint8).reshape(-1, 13)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     n = sim['user_id'].size
-    try:
-        with os.fdopen(fd, 'wb') as raw:
-            out = gzip.GzipFile(fileobj=raw, mode='wb', compresslevel=6, mtime=0) \
-                if path.endswith('.gz') else raw
-            out.write((','.join(TIANCHI_COLUMNS) + '\n').encode())
-            for lo in range(0, n, WRITE_CHUNK_ROWS):
-                out.write(_format_rows(sim, lo, min(n, lo + WRITE_CHUNK_ROWS), time_table))
-            if out is not raw:
-                out.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(raw) -> None:
+        out = gzip.GzipFile(fileobj=raw, mode='wb', compresslevel=6, mtime=0) if path.endswith('.gz') else raw
+        out.write((','.join(TIANCHI_COLUMNS) + '\n').encode())
+        for lo in range(0, n, WRITE_CHUNK_ROWS):
+            out.write(_format_rows(sim, lo, min(n, lo + WRITE_CHUNK_ROWS), time_table))
+        if out is not raw:
+            out.close()
+
+    atomic_write(path, write)
     return n
 
 

@@ -53,6 +53,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 
 import data  # noqa: E402
+from atomic_files import atomic_write  # noqa: E402
 import inference  # noqa: E402
 from LongTermInterestModel import LongTermInterestModel  # noqa: E402
 
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                        seed=args.seed, max_items=args.max_items, progress=args.progress, **lengths)
     print(format_table(metrics))
     if args.json:
-        model_io.atomic_write(args.json, lambda f: f.write(json.dumps(metrics, indent=2, default=_json_default).encode()))
+        atomic_write(args.json, lambda f: f.write(json.dumps(metrics, indent=2, default=_json_default).encode()))
     return 0
 
 

@@ -12,19 +12,18 @@ In a notebook::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from DeepSeekMoE import MoEConfig
+from atomic_files import atomic_write
 from LongTermInterestModel import LongTermInterestModel, ModelConfig
 from data import Vocab
 
@@ -33,23 +32,6 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
 VECTORS_FILE = "user_vectors.npz"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> None:
-    """Call write(f) on a temporary file beside path, then rename it over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

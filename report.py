@@ -21,7 +21,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model_io import atomic_write  # noqa: E402
+from atomic_files import atomic_write  # noqa: E402
 
 FILES = {'loss': 'report_loss.png', 'experts': 'report_experts.png', 'users': 'report_users.png',
          'metrics': 'metrics.json'}
