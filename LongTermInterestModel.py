@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from DeepSeekMoE import MoE, MoEConfig
 
-FEATURES = ('item', 'category', 'weekday', 'hour', 'weekend', 'behavior')
 N_WEEKDAY, N_HOUR, N_WEEKEND, N_BEHAVIOR = 8, 25, 3, 5    # table sizes incl. padding index 0
 
 

@@ -456,7 +456,7 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
 
     def step(batch_users):
         t0 = time.perf_counter()
-        long_v, short_v, _ = train.encode_pair(model, seqs, batch_users, cfg, dev, return_stats=True)
+        long_v, short_v = train.encode_pair(model, seqs, batch_users, cfg, dev)
         loss, _ = train.triplet_loss(cfg, long_v, short_v, int(rng.integers(1, len(batch_users))))
         loss.item()
         for opt in opts:

@@ -510,6 +510,20 @@ def last_days_cutoff(events: pd.DataFrame, n_days: int = 1, trim: float = TIME_T
     return (last_day - n_days + 1) * 24
 
 
+def split_last_day(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
+    """(history, target-day events, cutoff hour, rows after the target day) for held-out evaluation.
+
+    The target day is the log's last day (see last_days_cutoff); history is every earlier event. Stray rows
+    past the target day belong to neither: their count is returned so the caller can report it.
+    """
+    cutoff = last_days_cutoff(events, 1)
+    history, target = split_at_hour(events, cutoff)
+    after = target['hour'].to_numpy() >= cutoff + 24
+    if after.any():
+        target = target.loc[~after].reset_index(drop=True)
+    return history, target, cutoff, int(after.sum())
+
+
 def hour_to_str(hour: int) -> str:
     """Hours since 1970 (local) -> 'YYYY-MM-DD HH'."""
     return str(np.datetime64(int(hour), 'h')).replace('T', ' ')

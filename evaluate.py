@@ -251,7 +251,7 @@ def mean_pooled_users(model, seqs, users, part, min_len, max_len, which=('item',
 # tasks
 
 
-def _reid_ranks(long_v: np.ndarray, short_v: np.ndarray, priority: np.ndarray) -> np.ndarray:
+def reid_ranks(long_v: np.ndarray, short_v: np.ndarray, priority: np.ndarray) -> np.ndarray:
     """Rank of each user's own short vector (the diagonal) among all short vectors, by cosine."""
     ranks = []
     long_v, short_v = _normalise(long_v), _normalise(short_v)
@@ -276,15 +276,15 @@ def reidentification(models: dict, base_model, seqs, users, lengths, device, bat
                                                 max_len=n_max, desc=f'reid {name}', **kw)
         short_v = inference.compute_user_vectors(m, seqs, users, part='short', tower='short', min_len=k_min,
                                                  max_len=k_max, desc=f'reid {name}', **kw)
-        plain[name] = reid_metrics(_reid_ranks(long_v, short_v, prio))
+        plain[name] = reid_metrics(reid_ranks(long_v, short_v, prio))
         fshort_v = inference.compute_user_vectors(m, fshort, np.arange(fshort.n_users), part='all', tower='short',
                                                   min_len=k_min, max_len=k_max, desc=f'reid {name}', **kw)
-        filt[name] = reid_metrics(_reid_ranks(long_v[kept], fshort_v, prio_f))
+        filt[name] = reid_metrics(reid_ranks(long_v[kept], fshort_v, prio_f))
     long_e = mean_pooled_users(base_model, seqs, users, 'long', n_min, n_max)
     short_e = mean_pooled_users(base_model, seqs, users, 'short', k_min, k_max)
     fshort_e = mean_pooled_users(base_model, fshort, np.arange(fshort.n_users), 'all', k_min, k_max)
-    plain['mean_emb'] = reid_metrics(_reid_ranks(long_e, short_e, prio))
-    filt['mean_emb'] = reid_metrics(_reid_ranks(long_e[kept], fshort_e, prio_f))
+    plain['mean_emb'] = reid_metrics(reid_ranks(long_e, short_e, prio))
+    filt['mean_emb'] = reid_metrics(reid_ranks(long_e[kept], fshort_e, prio_f))
     counts = {'users': int(len(users)), 'filtered_users': int(len(kept)),
               'dropped_empty_filtered_short': int(len(users) - len(kept))}
     return plain, filt, counts
@@ -390,10 +390,10 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
     if len(target_events) == 0:
         raise ValueError('no target-day events to evaluate on')
     target_hours = target_events['hour'].to_numpy()
-    if seqs.n_events and int(seqs.abs_hour.max()) >= int(target_hours.min()):
-        raise ValueError('sequences hold events at or after the target day: build them from the history only '
-                         '(data.split_at_hour(events, data.last_days_cutoff(events)))')
     cutoff = int(target_hours.min()) // 24 * 24                             # first hour of the target day
+    if seqs.n_events and int(seqs.abs_hour.max()) >= cutoff:
+        raise ValueError('sequences hold events on or after the target day: build them from the history only '
+                         '(data.split_last_day(events))')
     lengths = (n_min, n_max, k_min, k_max)
     base_models = {'model': model, 'random_init': random_init_model(model, seed, device)}
 
@@ -516,20 +516,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--save_dir', default='saved_models', help='folder of the saved model (default: saved_models)')
     p.add_argument('--data_path', default='DATA/train_user', help='the log, or the folder holding it')
     p.add_argument('--data_format', default='auto', choices=data.FORMATS)
-    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N')
+    p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--batch_size', type=int, default=512)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=1337, help="as train.py's SEED: same random-weights baseline and tie order")
     p.add_argument('--max_items', type=int, default=MAX_ITEMS)
     p.add_argument('--json', default='', help='also write the metrics to this JSON file')
     p.add_argument('--progress', default=True, action=argparse.BooleanOptionalAction)
     args = p.parse_args(argv)
     import model_io
-    device = torch.device(args.device)
+    import runtime
+    runtime.tune_malloc()
+    device = runtime.pick_device(args.device)
     model, vocab, config = model_io.load_model(args.save_dir, device)
     events, report = data.read_events(args.data_path, data_format=args.data_format, progress=args.progress)
     print(report.summary())
-    cutoff = data.last_days_cutoff(events, 1)
-    history, target = data.split_at_hour(events, cutoff)
+    history, target, _, _ = data.split_last_day(events)
     if len(history) == 0:
         raise SystemExit(f'{args.data_path}: the log covers one day only; evaluation needs earlier days as history')
     seqs = data.build_sequences(history, vocab)

@@ -9,9 +9,6 @@ from tqdm.auto import tqdm
 
 from data import Sequences
 
-INT_FEATURES = ("item", "category", "weekday", "hour", "weekend", "behavior")
-
-
 def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """numpy batch dict -> torch tensors on device (pinned, non-blocking copies on CUDA)."""
     cuda = device.type == "cuda"

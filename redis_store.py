@@ -433,6 +433,10 @@ def _check_inputs(user_ids, vectors, fmt, layout, version, ttl, batch_size, grac
         raise ValueError(f'{bad} vectors contain NaN or inf; refusing to publish them')
     if len(set(ids)) != len(ids):
         raise ValueError('user_ids contain duplicates; each user must have exactly one vector')
+    clash = next((i for i in ids if i.startswith(('__', VERSION_NS))), None)
+    if clash is not None:  # would overwrite the tool's bookkeeping keys or another version's vectors
+        raise ValueError(f'user id {clash!r} collides with the reserved key names (ids may not start with '
+                         f'"__" or "{VERSION_NS}"); publish with a prefix and ids without them')
     return ids, vectors
 
 
@@ -464,6 +468,10 @@ def _check_ownership(client, names: dict[str, str]) -> tuple[dict | None, set[st
             f"key {names['versions']!r} exists (type {versions_type}) and was not written by this "
             'tool; publish under another prefix')
     versions = {_to_str(v) for v in client.smembers(names['versions'])} if versions_type == 'set' else set()
+    # Members name key families to expire later: only trust a set this tool's own metadata vouches for.
+    if versions and (meta is None or any(not _VERSION_RE.match(v or '') for v in versions)):
+        raise RedisExportError(
+            f"key {names['versions']!r} exists and was not written by this tool; publish under another prefix")
     pointer = _to_str(pointer)
     known = set(versions)
     if meta is not None:  # the live publish id, or the pointer a plain publish left to expire

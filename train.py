@@ -172,12 +172,9 @@ def read_log(cfg):
 
 def split_target_day(events):
     """(history, target-day events, cutoff hour): sequences and vocabulary only ever see history."""
-    cutoff = data.last_days_cutoff(events, 1)
-    history, target = data.split_at_hour(events, cutoff)
-    after = target["hour"].to_numpy() >= cutoff + 24
-    if after.any():
-        print(f"evaluation: {int(after.sum())} rows after the target day are left out of it")
-        target = target.loc[~after].reset_index(drop=True)
+    history, target, cutoff, n_after = data.split_last_day(events)
+    if n_after:
+        print(f"evaluation: {n_after} rows after the target day are left out of it")
     print(f"evaluation: target day {data.hour_to_str(cutoff)[:10]} ({len(target):,} events) held out of "
           f"training; {len(history):,} earlier events form the sequences")
     return history, target, cutoff
@@ -238,17 +235,13 @@ def build_optimizers(model, lr: float):
 # -----------------------------------------------------------------------------
 # training
 
-def encode_pair(model, seqs, users, cfg, device, return_stats=False):
+def encode_pair(model, seqs, users, cfg, device):
     """Long-tower vectors of the users' long parts and short-tower vectors of their short parts."""
     to_t = inference.batch_to_tensors
     long_b = to_t(seqs.batch(users, "long", cfg.n_min, cfg.n_max), device)
     short_b = to_t(seqs.batch(users, "short", cfg.k_min, cfg.k_max), device)
     with inference.autocast(device):
-        if not return_stats:
-            return model.encode(long_b, tower="long").float(), model.encode(short_b, tower="short").float()
-        lv, s1 = model.encode(long_b, tower="long", return_stats=True)
-        sv, s2 = model.encode(short_b, tower="short", return_stats=True)
-    return lv.float(), sv.float(), s1.counts + s2.counts
+        return model.encode(long_b, tower="long").float(), model.encode(short_b, tower="short").float()
 
 
 def triplet_loss(cfg, long_v, short_v, neg_shift: int):
@@ -288,7 +281,7 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int) -> dict[str, 
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                dynamic_ncols=True)
     for step, batch_users in enumerate(bar):
-        long_v, short_v, _ = encode_pair(model, seqs, batch_users, cfg, device, return_stats=True)
+        long_v, short_v = encode_pair(model, seqs, batch_users, cfg, device)
         loss, _ = triplet_loss(cfg, long_v, short_v, int(rng.integers(1, len(batch_users))))
         value = loss.item()
         if not math.isfinite(value):
@@ -317,14 +310,14 @@ def validate(model, seqs, users, cfg, device) -> dict[str, float]:
     short_v = torch.from_numpy(inference.compute_user_vectors(
         model, seqs, users, part="short", tower="short", min_len=cfg.k_min, max_len=cfg.k_max, **kw))
     loss, metrics = bpr_loss(long_v, short_v, short_v.roll(1, dims=0), tau=cfg.tau)
-    sims = long_v @ short_v.T  # (V, V), vectors are L2-normalised
-    rank = (sims > sims.diag().unsqueeze(1)).sum(1) + 1
-    return {"val_loss": loss.item(), "val_acc": float(metrics["acc"]),
-            "val_mrr": (1.0 / rank.double()).mean().item(), "val_recall@10": (rank <= 10).double().mean().item()}
+    tie_order = np.random.default_rng([cfg.seed, 3]).permutation(len(users))  # ties rank as chance, as in evaluate
+    reid = evaluate.reid_metrics(evaluate.reid_ranks(long_v.numpy(), short_v.numpy(), tie_order))
+    return {"val_loss": loss.item(), "val_acc": float(metrics["acc"]), "val_mrr": reid["mrr"],
+            "val_recall@10": reid["recall@10"]}
 
 
 # Settings that define the model and data: a checkpoint only resumes when they are unchanged.
-RESUME_KEYS = ("data_path", "data_format", "dedupe", "min_item_count", "n_min", "n_max", "k_min", "k_max",
+RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
                "heads", "head_dim", "dropout", "pooling", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "loss", "tau", "seed")

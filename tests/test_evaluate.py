@@ -54,8 +54,8 @@ def test_reid_metrics_by_hand():
     # the diagonal of a similarity matrix is each user's own short vector
     long_v = np.eye(3, dtype=np.float32)
     short_v = np.array([[1, 0, 0], [1, 0.1, 0], [0, 0, 1]], np.float32)
-    assert evaluate._reid_ranks(long_v, short_v, np.arange(3)).tolist() == [1, 1, 1]
-    assert evaluate._reid_ranks(long_v, short_v[[1, 0, 2]], np.arange(3)).tolist() == [2, 2, 1]
+    assert evaluate.reid_ranks(long_v, short_v, np.arange(3)).tolist() == [1, 1, 1]
+    assert evaluate.reid_ranks(long_v, short_v[[1, 0, 2]], np.arange(3)).tolist() == [2, 2, 1]
 
 
 def _events(rows):

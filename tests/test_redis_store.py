@@ -406,3 +406,18 @@ def test_ensure_local_server_port_taken_by_something_else(tmp_path):
         with pytest.raises(RedisExportError, match='did not start') as e:
             rs.ensure_local_server(str(tmp_path), port=port, timeout=20)
         assert 'in use' in str(e.value)  # the server's log says why
+
+
+def test_reserved_ids_and_foreign_version_sets_are_refused(redis_server):
+    client = rs.connect(redis_server)
+    vec = np.ones((1, 4), np.float32)
+    for bad in ('__meta__', '__current__', 'v:abc:1'):
+        with pytest.raises(ValueError, match='reserved'):
+            rs.publish(client, [bad], vec, prefix='rs-reserved:', version='v1', progress=False)
+    client.sadd('rs-foreignset:__versions__', 'someone-elses')
+    client.set('rs-foreignset:v:someone-elses:1', 'keep')
+    with pytest.raises(rs.RedisExportError, match='not written by this tool'):
+        rs.publish(client, np.array([1]), vec, prefix='rs-foreignset:', layout='versioned', version='v1',
+                   progress=False)
+    assert client.get('rs-foreignset:v:someone-elses:1') == b'keep'
+    assert client.ttl('rs-foreignset:v:someone-elses:1') == -1
