@@ -35,7 +35,7 @@ import pandas as pd
 from atomic_files import atomic_write
 
 # sequence lengths (the batch contract): long part padded to >= N_MIN, cut to <= N_MAX, short part K_MIN/K_MAX
-N_MIN, N_MAX = 100, 200
+N_MIN, N_MAX = 100, 100                 # N_MAX = N_MIN: attention memory grows ~N_MAX^2 (12 GB peak at 200, batch 256)
 K_MIN, K_MAX = 10, 20
 PAD, UNKNOWN = 0, 1                 # reserved indices in the item and category tables
 

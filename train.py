@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ STRICT = False  # stop at the first malformed row instead of skipping and counti
 DEDUPE = False  # drop exact duplicate rows (kept by default: hour-precision logs repeat real clicks)
 MIN_ITEM_COUNT = 3  # items seen fewer times share the reserved "unknown" row (3 measured best: see data.py)
 N_MIN = 100  # long-term sequences are padded to at least this many events
-N_MAX = 200  # ... and keep at most the most recent N_MAX events (also used for export)
+N_MAX = 100  # ... and keep at most the most recent N_MAX events (also used for export; memory grows ~N_MAX^2)
 K_MIN = 10  # short-term sequences are padded to at least this many events
 K_MAX = 20  # ... and keep at most the most recent K_MAX events
 VAL_FRACTION = 0.1  # share of trainable users held out to choose the best epoch
@@ -513,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.evaluate:
         extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
     version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), extra)
-    print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
+          f"peak memory so far {peak_gb:.1f} GB")
     if cfg.evaluate:
         run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
         seqs = make_sequences(events, vocab, "export sequences (whole log)")

@@ -383,11 +383,11 @@ def test_padding_keeps_most_recent_events():
     b = seqs.batch(np.array([0]), 'all', data.N_MIN, data.N_MAX)
     assert b['mask'].shape == (1, data.N_MAX) and b['mask'].all()
     want = data.Vocab.fit(ev, min_item_count=1).encode_items(1000 + hours[-data.N_MAX:])
-    assert b['item'][0].tolist() == want.tolist()                            # oldest -> newest, last 200
+    assert b['item'][0].tolist() == want.tolist()                            # oldest -> newest, last N_MAX
     b = seqs.batch(np.array([0]), 'short', data.K_MIN, data.K_MAX)
     assert b['mask'].sum() == 20 and b['item'][0, -1] == want[-1]
-    b = seqs.batch(np.array([0]), 'long', data.N_MIN, data.N_MAX)             # first 225, last 200 of them
-    assert b['item'][0].tolist() == data.Vocab.fit(ev, min_item_count=1).encode_items(1000 + hours[25:225]).tolist()
+    b = seqs.batch(np.array([0]), 'long', data.N_MIN, data.N_MAX)             # first 225, the last N_MAX of them
+    assert b['item'][0].tolist() == data.Vocab.fit(ev, min_item_count=1).encode_items(1000 + hours[225 - data.N_MAX:225]).tolist()
 
 
 def test_short_users_excluded_from_training_but_exported(rand_seqs):
