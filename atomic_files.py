@@ -4,6 +4,7 @@ A crash mid-write leaves the previous file intact, never a torn one. No torch he
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,3 +29,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _json_default(o):
+    """numpy scalars and 0-dim tensors -> Python numbers; arrays and tensors -> lists."""
+    if getattr(o, 'ndim', None) == 0:
+        return o.item()
+    if hasattr(o, 'tolist'):
+        return o.tolist()
+    raise TypeError(f'not JSON-serialisable: {type(o).__name__}')
+
+
+def atomic_json_save(obj: Any, path: str | os.PathLike, **dumps_kwargs) -> None:
+    """json.dumps(obj, indent=2, ...) written atomically; numpy values are converted."""
+    blob = json.dumps(obj, indent=2, default=_json_default, **dumps_kwargs).encode()
+    atomic_write(path, lambda f: f.write(blob))

@@ -789,8 +789,7 @@ class Sequences:
         """(B,) each user's most frequent encoded category over all their events (ties: the smaller index)."""
         start, end = self.part_bounds(user_index, 'all')
         n = end - start
-        owner = np.repeat(np.arange(len(n)), n)                       # (E,) batch row of each event
-        pos = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n - start, n)
+        pos, owner = expand_ranges(start, end)                        # (E,) flat position, batch row
         n_cat = int(self.category.max()) + 1 if self.n_events else 1
         pairs, counts = np.unique(owner * n_cat + self.category[pos], return_counts=True)
         rows, cats = pairs // n_cat, pairs % n_cat
@@ -825,6 +824,24 @@ def _stable_order(ucode: np.ndarray, n_users: int, hour: np.ndarray) -> np.ndarr
     return np.lexsort((h, ucode))
 
 
+def calendar_features(abs_hour) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hours since 1970 (local) -> (weekday 1..7 Monday = 1, hour of day + 1, weekend 1/2), int8 each."""
+    abs_hour = np.asarray(abs_hour, np.int64)
+    weekday = (np.floor_divide(abs_hour, 24) + 3) % 7 + 1                  # 1970-01-01 was a Thursday
+    return (weekday.astype(np.int8), (abs_hour % 24 + 1).astype(np.int8),
+            np.where(weekday >= 6, 2, 1).astype(np.int8))
+
+
+def expand_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions of the ranges [starts[i], ends[i]) and the index i each belongs to (vectorised)."""
+    starts = np.asarray(starts, np.int64)
+    n = np.maximum(np.asarray(ends, np.int64) - starts, 0)
+    owner = np.repeat(np.arange(len(n)), n)
+    first = np.cumsum(n) - n                                             # output index where range i begins
+    pos = starts[owner] + (np.arange(int(n.sum())) - first[owner])
+    return pos, owner
+
+
 def build_sequences(events: pd.DataFrame, vocab: Vocab) -> Sequences:
     """Events (any log, e.g. newer than the vocabulary's) -> CSR sequences encoded with `vocab`."""
     if len(events) == 0:
@@ -840,16 +857,15 @@ def build_sequences(events: pd.DataFrame, vocab: Vocab) -> Sequences:
     np.cumsum(counts, out=offsets[1:])
     del ucode
     abs_hour = hour_all[order]
-    day = np.floor_divide(abs_hour, 24)
-    weekday = ((day + 3) % 7 + 1).astype(np.int8)          # 1970-01-01 was a Thursday; Monday = 1
+    weekday, hour, weekend = calendar_features(abs_hour)
     return Sequences(
         user_ids=np.asarray(users, dtype=np.int64),
         offsets=offsets,
         item=vocab.encode_items(events['item_id'].to_numpy()[order]).astype(np.int32),
         category=vocab.encode_categories(events['category_id'].to_numpy()[order]).astype(np.int32),
         weekday=weekday,
-        hour=(abs_hour % 24 + 1).astype(np.int8),
-        weekend=np.where(weekday >= 6, 2, 1).astype(np.int8),
+        hour=hour,
+        weekend=weekend,
         behavior=events['behavior'].to_numpy()[order].astype(np.int8),
         time=vocab.time_features(abs_hour),
         abs_hour=abs_hour.astype(np.int32),

@@ -40,7 +40,6 @@ CLI, with a saved model (evaluates the log's last day):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -53,7 +52,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from atomic_files import atomic_write  # noqa: E402
+from atomic_files import atomic_json_save  # noqa: E402
 import inference  # noqa: E402
 from LongTermInterestModel import LongTermInterestModel  # noqa: E402
 
@@ -125,16 +124,6 @@ def topk_metrics(ranks: np.ndarray, owner: np.ndarray, n_users: int, ks=KS) -> d
 # inputs
 
 
-def expand_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat positions of the ranges [starts[i], ends[i]) and the index i each belongs to (vectorised)."""
-    starts = np.asarray(starts, np.int64)
-    n = np.maximum(np.asarray(ends, np.int64) - starts, 0)
-    owner = np.repeat(np.arange(len(n)), n)
-    first = np.cumsum(n) - n                                             # output index where range i begins
-    pos = starts[owner] + (np.arange(int(n.sum())) - first[owner])
-    return pos, owner
-
-
 def subset_sequences(seqs: data.Sequences, user_ids: np.ndarray, positions: np.ndarray,
                      owner: np.ndarray) -> data.Sequences:
     """A Sequences of the given flat positions (sorted by owner, then time), owner[i] in [0, len(user_ids))."""
@@ -158,8 +147,8 @@ def filtered_short(seqs: data.Sequences, users: np.ndarray) -> tuple[data.Sequen
     users = np.asarray(users, np.int64)
     ls, le = seqs.part_bounds(users, 'long')
     ss, se = seqs.part_bounds(users, 'short')
-    lpos, lown = expand_ranges(ls, le)
-    spos, sown = expand_ranges(ss, se)
+    lpos, lown = data.expand_ranges(ls, le)
+    spos, sown = data.expand_ranges(ss, se)
     n_items = np.int64(max(int(seqs.item.max()) if seqs.item.size else 0, 1) + 1)
     long_keys = lown * n_items + seqs.item[lpos]
     short_keys = sown * n_items + seqs.item[spos]
@@ -183,13 +172,15 @@ def item_categories(seqs: data.Sequences, n_items: int) -> np.ndarray:
     return out
 
 
-def candidate_batch(items: np.ndarray, categories: np.ndarray, weekday: int, hour: int,
+def candidate_batch(items: np.ndarray, categories: np.ndarray, abs_hour: int,
                     time_feat: np.ndarray) -> dict[str, np.ndarray]:
-    """One-event sequences (C, 1) of the given (item, category) candidates, in the batch contract."""
+    """One-event sequences (C, 1) of the given (item, category) candidates viewed at abs_hour (hours since
+    1970, local), in the batch contract."""
     c = len(items)
     full = lambda v: np.full((c, 1), v, np.int64)                          # noqa: E731
+    weekday, hour, weekend = (int(a[0]) for a in data.calendar_features([abs_hour]))
     return {'item': np.asarray(items, np.int64).reshape(c, 1), 'category': np.asarray(categories, np.int64).reshape(c, 1),
-            'weekday': full(weekday), 'hour': full(hour), 'weekend': full(2 if weekday >= 6 else 1),
+            'weekday': full(weekday), 'hour': full(hour), 'weekend': full(weekend),
             'behavior': full(1), 'time': np.repeat(time_feat.reshape(1, 1, 2), c, 0).astype(np.float32),
             'mask': np.ones((c, 1), bool)}
 
@@ -349,7 +340,7 @@ def _user_freq_fn(seqs, users, cands, cutoff: int, max_len: int):
     def score(rows: np.ndarray, kind: str) -> np.ndarray:
         s, e = seqs.part_bounds(users[rows], 'all')
         s = np.maximum(s, e - max_len)                                      # the events the model sees
-        pos, own = expand_ranges(s, e)
+        pos, own = data.expand_ranges(s, e)
         w = 0.5 ** ((cutoff - seqs.abs_hour[pos].astype(np.float64)) / RECENCY_HALF_LIFE_H)
         c = cands[kind]['pos'][getattr(seqs, kind)[pos]]
         ok = c >= 0
@@ -402,9 +393,9 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
     n_item_known = min(vocab.n_items - 2, max_items)
     item_cat = item_categories(seqs, vocab.n_items)
     hist_hour = int(np.bincount(seqs.hour, minlength=25)[1:].argmax()) + 1 if seqs.n_events else 1   # 1..24
-    day = cutoff // 24
-    weekday = int((day + 3) % 7 + 1)
-    time_feat = vocab.time_features([cutoff + hist_hour - 1])[0]
+    cand_hour = cutoff + hist_hour - 1                                      # the history's busiest hour, target day
+    weekday = int(data.calendar_features([cand_hour])[0][0])
+    time_feat = vocab.time_features([cand_hour])[0]
     cands = {}
     item_t, cat_t = _tables(model)
     for kind, n_known, n_table in (('category', n_cat_known, vocab.n_categories), ('item', n_item_known, vocab.n_items)):
@@ -412,9 +403,9 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
         pos = np.full(n_table, -1, np.int64)
         pos[index] = np.arange(n_known)
         if kind == 'category':
-            batch = candidate_batch(np.full(n_known, data.UNKNOWN), index, weekday, hist_hour, time_feat)
+            batch = candidate_batch(np.full(n_known, data.UNKNOWN), index, cand_hour, time_feat)
         else:
-            batch = candidate_batch(index, item_cat[index], weekday, hist_hour, time_feat)
+            batch = candidate_batch(index, item_cat[index], cand_hour, time_feat)
         vectors = {name: (None, _normalise(encode_batch(m, batch, 'short', device, batch_size)))
                    for name, m in base_models.items()}
         vectors['mean_emb'] = (None, _normalise((cat_t if kind == 'category' else item_t)[index]))
@@ -503,14 +494,6 @@ def format_table(metrics: dict) -> str:
     return '\n'.join(lines)
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f'not JSON-serialisable: {type(o).__name__}')
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--save_dir', default='saved_models', help='folder of the saved model (default: saved_models)')
@@ -550,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                        seed=args.seed, max_items=args.max_items, progress=args.progress, **lengths)
     print(format_table(metrics))
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(metrics, indent=2, default=_json_default).encode()))
+        atomic_json_save(metrics, args.json)
     return 0
 
 

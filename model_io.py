@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from DeepSeekMoE import MoEConfig
-from atomic_files import atomic_write
+from atomic_files import atomic_json_save, atomic_write
 from LongTermInterestModel import LongTermInterestModel, ModelConfig
 from data import Vocab
 
@@ -36,10 +36,6 @@ VECTORS_FILE = "user_vectors.npz"
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_json_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 def state_version(state_dicts: dict[str, dict[str, torch.Tensor]]) -> str:
@@ -72,7 +68,7 @@ def save_model(save_dir: str | os.PathLike, model: LongTermInterestModel, vocab:
         "train": train_config,
         **(extra or {}),
     }
-    atomic_json_save(config, save_dir / CONFIG_FILE)
+    atomic_json_save(config, save_dir / CONFIG_FILE, sort_keys=True)
     return version
 
 

@@ -12,7 +12,6 @@ Every file is written atomically (temporary file, then os.replace). matplotlib r
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +20,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from atomic_files import atomic_write  # noqa: E402
+from atomic_files import atomic_json_save, atomic_write  # noqa: E402
 
 FILES = {'loss': 'report_loss.png', 'experts': 'report_experts.png', 'users': 'report_users.png',
          'metrics': 'metrics.json'}
@@ -142,16 +141,6 @@ def plot_users(user_vectors: np.ndarray, top_category: np.ndarray, path: Path, s
     _save_figure(fig, path)
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, 'item') and callable(o.item):         # 0-dim tensors
-        return o.item()
-    raise TypeError(f'not JSON-serialisable: {type(o).__name__}')
-
-
 def _finite(o):
     """NaN / inf -> None, recursively, so the file is strict JSON."""
     if isinstance(o, dict):
@@ -175,7 +164,5 @@ def write_report(save_dir, history: list[dict] | None = None, metrics: dict | No
     if user_vectors is None:
         user_vectors, top_category = np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
     plot_users(user_vectors, top_category, paths['users'])
-    blob = json.dumps(_finite({'metrics': metrics or {}, 'history': history}), indent=2, default=_json_default,
-                      allow_nan=False).encode()
-    atomic_write(paths['metrics'], lambda f: f.write(blob))
+    atomic_json_save(_finite({'metrics': metrics or {}, 'history': history}), paths['metrics'], allow_nan=False)
     return paths

@@ -13,7 +13,6 @@ Every constant below is also a flag: --epochs 10, --moe_balance bias, --no-evalu
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -111,13 +110,14 @@ POSITIVE = ("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", 
             "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size")
 FRACTIONS = ("val_fraction", "test_fraction", "dropout")
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
+_RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
 
 def _constants() -> dict[str, tuple[Any, str]]:
     """The upper-case constants above with their one-line comments (the flags' help)."""
-    src = Path(__file__).read_text()
+    src = Path(__file__).read_text().split(_RULE)[1]  # the block between the first two rules
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", src, re.M))
-    return {name: (globals()[name], comments.get(name, "")) for name in comments if name not in ("EXIT_REDIS",)}
+    return {name: (globals()[name], comments[name]) for name in comments}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,7 +113,7 @@ def test_no_target_day_event_reaches_a_sequence(split):
     users = seqs.trainable
     for part in ("all", "long", "short"):
         s, e = seqs.part_bounds(users, part)
-        pos, _ = evaluate.expand_ranges(s, e)
+        pos, _ = data.expand_ranges(s, e)
         assert (seqs.abs_hour[pos] < cutoff).all()
     fs, _ = evaluate.filtered_short(seqs, users)
     assert fs.n_events and int(fs.abs_hour.max()) < cutoff
