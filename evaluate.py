@@ -40,6 +40,7 @@ CLI, with a saved model (evaluates the log's last day):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -130,11 +131,9 @@ def subset_sequences(seqs: data.Sequences, user_ids: np.ndarray, positions: np.n
     counts = np.bincount(owner, minlength=len(user_ids))
     offsets = np.zeros(len(user_ids) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    return data.Sequences(user_ids=np.asarray(user_ids, np.int64), offsets=offsets, item=seqs.item[positions],
-                          category=seqs.category[positions], weekday=seqs.weekday[positions],
-                          hour=seqs.hour[positions], weekend=seqs.weekend[positions],
-                          behavior=seqs.behavior[positions], time=seqs.time[positions],
-                          abs_hour=seqs.abs_hour[positions])
+    flat = {f.name: getattr(seqs, f.name)[positions] for f in dataclasses.fields(data.Sequences)
+            if f.name not in ('user_ids', 'offsets')}                       # every per-event array
+    return data.Sequences(user_ids=np.asarray(user_ids, np.int64), offsets=offsets, **flat)
 
 
 def filtered_short(seqs: data.Sequences, users: np.ndarray) -> tuple[data.Sequences, np.ndarray]:
