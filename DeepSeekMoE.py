@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -205,6 +206,9 @@ class MoE(nn.Module):
         # transient usage of the current training epoch and step (not saved)
         self.register_buffer('epoch_counts', torch.zeros(e, dtype=torch.long), persistent=False)
         self.register_buffer('step_counts', torch.zeros(e, dtype=torch.long), persistent=False)
+        # Distributed training (torch.distributed): the counts of all ranks are summed before they are used,
+        # so every rank balances with the same, global statistics. None = this process's counts only.
+        self.process_group = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -282,7 +286,7 @@ class MoE(nn.Module):
         """Call once after every optimizer step: in 'bias' mode, nudge the bias against the load error
         of the step (all training forward calls since the last after_step); no host sync."""
         if self.cfg.balance == 'bias':
-            self.update_bias(self.step_counts)
+            self.update_bias(self._global(self.step_counts))
         self.step_counts.zero_()
 
     @torch.no_grad()
@@ -378,11 +382,15 @@ class MoE(nn.Module):
         - step (1 at first) halves whenever the expert's correction changes direction: an expert whose
           score is high for all tokens balances only on a knife edge of its penalty, which the halving
           homes in on by bisection instead of jumping across it every epoch.
-        With penalty_power = 1 the first epoch is exactly the seed's rule. Under DDP, all-reduce
-        `epoch_counts` before calling this. Returns balance_stats of the epoch plus the penalty range.
+        With penalty_power = 1 the first epoch is exactly the seed's rule. With a process_group the
+        counts are the sum over its ranks (every rank must call this), and the stats add 'rank_load', each
+        rank's own counts. Returns balance_stats of the epoch plus the penalty range.
         """
-        counts = self.epoch_counts.clone()
+        counts = self._global(self.epoch_counts)
+        rank_counts = self._per_rank(self.epoch_counts)
         stats = self.balance_stats(counts)
+        if rank_counts is not None:
+            stats['rank_load'] = rank_counts.tolist()
         if self.cfg.balance == 'seed' and stats['activations'] > 0:
             cfg = self.cfg
             load = counts.float() / counts.float().mean()
@@ -397,6 +405,21 @@ class MoE(nn.Module):
         stats['bias_min'] = float(self.bias.min())
         stats['bias_max'] = float(self.bias.max())
         return stats
+
+    def _global(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts summed over the process group (a copy; the local counter is left alone)."""
+        counts = counts.clone()
+        if self.process_group is not None:
+            dist.all_reduce(counts, group=self.process_group)
+        return counts
+
+    def _per_rank(self, counts: torch.Tensor) -> Optional[torch.Tensor]:
+        """(world, E) every rank's counts, or None without a process group."""
+        if self.process_group is None:
+            return None
+        parts = [torch.empty_like(counts) for _ in range(dist.get_world_size(self.process_group))]
+        dist.all_gather(parts, counts.contiguous(), group=self.process_group)
+        return torch.stack(parts).cpu()
 
     @staticmethod
     def balance_stats(counts) -> dict:

@@ -261,6 +261,25 @@ def info_nce_loss(long_v: torch.Tensor, short_v: torch.Tensor, tau: float = 0.1,
     return loss, _metrics(loss, cos_pos, cos_neg, acc)
 
 
+def batch_loss(long_v: torch.Tensor, short_v: torch.Tensor, objective: str = 'bpr', tau: float = 1.0,
+               neg_shift: int = 1, rows: Optional[slice] = None):
+    """The training loss of one batch of users from their vectors (no extra encoding for negatives).
+
+    short_v: (B, D) the whole batch's short-term vectors; long_v: (R, D) the long-term vectors of the batch
+    rows `rows` (default all; in distributed training a rank's contiguous share). 'bpr': user i's own
+    short vector against user (i - neg_shift) mod B's, another user's when 0 < neg_shift < B. 'infonce':
+    against every other user's short vector in the batch. Returns (mean loss over the rows, metrics).
+    """
+    rows = rows if rows is not None else slice(0, short_v.shape[0])
+    pos = short_v[rows]
+    if objective == 'bpr':
+        return bpr_loss(long_v, pos, short_v.roll(neg_shift, dims=0)[rows], tau)
+    if objective == 'infonce':  # cross-entropy does not depend on the order of the candidates
+        others = torch.cat([short_v[:rows.start], short_v[rows.stop:]])
+        return info_nce_loss(long_v, pos, tau, others if len(others) else None)
+    raise ValueError(f"objective must be 'bpr' or 'infonce', got {objective!r}")
+
+
 def _metrics(loss, cos_pos, cos_neg, acc) -> dict:
     return {'loss': loss.detach(), 'cos_pos': cos_pos.detach().mean(), 'cos_neg': cos_neg.detach().mean(),
             'acc': acc.detach().mean()}

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import data
 import demo_data
+import distributed
 import evaluate
 import inference
 import model_io
@@ -40,7 +41,7 @@ import redis_store
 import report
 import runtime
 from DeepSeekMoE import MoEConfig
-from LongTermInterestModel import LongTermInterestModel, ModelConfig, bpr_loss, info_nce_loss
+from LongTermInterestModel import LongTermInterestModel, ModelConfig, batch_loss, bpr_loss
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -158,13 +159,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -----------------------------------------------------------------------------
 # data
 
-def read_log(cfg):
-    """Read the log, generating the demo log first when the default folder holds none."""
+def read_log(cfg, ctx=distributed.Context()):
+    """Read the log, generating the demo log first when the default folder holds none (one process per
+    node writes it; every process reads the log)."""
     path = Path(cfg.data_path)
-    if cfg.data_path == DATA_PATH and not _has_log(path):
+    if cfg.data_path == DATA_PATH and not _has_log(path) and ctx.local_rank == 0:
         target = path / data.TIANCHI_FILE
         print(f"No log under {path}/: generating the demo log ({cfg.demo_users} users) at {target}")
         demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
+    distributed.barrier(ctx)
     events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
                                       dedupe=cfg.dedupe, progress=cfg.progress)
     print(report.summary())
@@ -211,12 +214,12 @@ def split_users(seqs, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # -----------------------------------------------------------------------------
 # model and optimisers
 
-def build_model(cfg, vocab):
+def build_model(cfg, vocab, sparse_item_grad: bool = True):
     mcfg = ModelConfig(n_items=vocab.n_items, n_categories=vocab.n_categories,
                        item_embedding_dim=cfg.item_embedding_dim, category_embedding_dim=cfg.category_embedding_dim,
                        width=cfg.width, depth=cfg.depth, heads=cfg.heads, head_dim=cfg.head_dim,
                        hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, max_positions=max(cfg.n_max, cfg.k_max),
-                       pooling=cfg.pooling)
+                       pooling=cfg.pooling, sparse_item_grad=sparse_item_grad)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
                     balance=cfg.moe_balance)
@@ -236,30 +239,14 @@ def build_optimizers(model, lr: float):
 # -----------------------------------------------------------------------------
 # training
 
-def encode_pair(model, seqs, users, cfg, device):
-    """Long-tower vectors of the users' long parts and short-tower vectors of their short parts."""
-    to_t = inference.batch_to_tensors
-    long_b = to_t(seqs.batch(users, "long", cfg.n_min, cfg.n_max), device)
-    short_b = to_t(seqs.batch(users, "short", cfg.k_min, cfg.k_max), device)
-    with inference.autocast(device):
-        return model.encode(long_b, tower="long").float(), model.encode(short_b, tower="short").float()
-
-
-def triplet_loss(cfg, long_v, short_v, neg_shift: int):
-    """The configured loss; for BPR the negative is another user's short vector (a fixed rotation)."""
-    if cfg.loss == "bpr":
-        return bpr_loss(long_v, short_v, short_v.roll(neg_shift, dims=0), tau=cfg.tau)
-    return info_nce_loss(long_v, short_v, tau=cfg.tau)
-
-
 def epoch_batches(users: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  bucket: int = 16) -> list[np.ndarray]:
-    """Shuffled users cut into near-equal batches of at most batch_size and at least 2 (a negative needs
-    another user in the batch). Within windows of `bucket` batches users are ordered by length, so a batch
+                  bucket: int = 16, min_size: int = 2) -> list[np.ndarray]:
+    """Shuffled users cut into near-equal batches of at most batch_size and at least min_size (2: a negative
+    needs another user in the batch; distributed, at least one user per rank). Within windows of `bucket` batches users are ordered by length, so a batch
     is padded to its own users' lengths rather than to the longest history in the log; the batches are
     then shuffled."""
     order = rng.permutation(users)
-    n_batches = max(min(math.ceil(len(order) / batch_size), len(order) // 2), 1)
+    n_batches = max(min(math.ceil(len(order) / batch_size), len(order) // min_size), 1)
     window = math.ceil(len(order) / n_batches) * bucket
     for start in range(0, len(order), window):
         chunk = order[start:start + window]
@@ -272,19 +259,40 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_epoch(model, opts, seqs, users, cfg, device, epoch: int) -> dict[str, float]:
+def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, device,
+                  ctx: distributed.Context = distributed.Context()) -> tuple[torch.Tensor, float]:
+    """Forward pass of one batch (distributed: this rank's contiguous share of it, with the whole batch's
+    short vectors gathered for the negatives). Returns (loss to backpropagate, the batch's mean loss);
+    the first is scaled so that DDP's average over ranks is the gradient of the whole batch's mean."""
+    to_t = inference.batch_to_tensors
+    n = len(batch_users)
+    rows = distributed.shard_slice(n, ctx)
+    mine = batch_users[rows]
+    with inference.autocast(device):
+        long_v, short_v = net(to_t(seqs.batch(mine, "long", cfg.n_min, cfg.n_max), device),
+                              to_t(seqs.batch(mine, "short", cfg.k_min, cfg.k_max), device))
+    short_all = distributed.gather_rows(short_v.float(), distributed.split_sizes(n, ctx.world), ctx)
+    loss, _ = batch_loss(long_v.float(), short_all, cfg.loss, cfg.tau, neg_shift, rows)
+    loss_sum = loss * len(mine)
+    value = distributed.all_reduce_sum(loss_sum.detach(), ctx).item() / n
+    return loss_sum * (ctx.world / n), value
+
+
+def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
+                ctx: distributed.Context = distributed.Context(), net=None) -> dict[str, float]:
     """One pass over the training users; returns the mean loss and throughput. The epoch's shuffling and
-    negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones."""
+    negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones, and so
+    does every rank of a distributed run: each takes a contiguous share of every batch (see distributed)."""
     rng = np.random.default_rng([cfg.seed, 1, epoch])
+    net = net if net is not None else distributed.PairEncoder(model)  # DDP passes its wrapped one
     model.train()
-    batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng)
+    batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng, min_size=max(2, ctx.world))
     total, seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                dynamic_ncols=True)
     for step, batch_users in enumerate(bar):
-        long_v, short_v = encode_pair(model, seqs, batch_users, cfg, device)
-        loss, _ = triplet_loss(cfg, long_v, short_v, int(rng.integers(1, len(batch_users))))
-        value = loss.item()
+        n = len(batch_users)
+        loss, value = batch_forward(net, seqs, batch_users, int(rng.integers(1, n)), cfg, device, ctx)
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
         for opt in opts:
@@ -293,23 +301,25 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int) -> dict[str, 
         for opt in opts:
             opt.step()
         model.moe_layer.after_step()
-        total += value * len(batch_users)
-        seen += len(batch_users)
+        total += value * n
+        seen += n
         bar.set_postfix(loss=f"{total / seen:.4f}")
     seconds = time.perf_counter() - t0
     return {"train_loss": total / seen, "seconds": seconds, "triplets_per_s": seen / seconds}
 
 
-def validate(model, seqs, users, cfg, device) -> dict[str, float]:
+def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distributed.Context()) -> dict[str, float]:
     """BPR loss with fixed negatives (the next user's short vector) and re-identification MRR among the
-    validation users: rank of a user's own short vector by cosine with their long vector."""
+    validation users: rank of a user's own short vector by cosine with their long vector. Distributed,
+    the ranks share the work and all get the same figures."""
     if len(users) < 2:
         return {}
-    kw = dict(device=device, progress=False, batch_size=cfg.export_batch_size)
-    long_v = torch.from_numpy(inference.compute_user_vectors(
-        model, seqs, users, part="long", tower="long", min_len=cfg.n_min, max_len=cfg.n_max, **kw))
-    short_v = torch.from_numpy(inference.compute_user_vectors(
-        model, seqs, users, part="short", tower="short", min_len=cfg.k_min, max_len=cfg.k_max, **kw))
+    kw = dict(progress=False, batch_size=cfg.export_batch_size)
+    vectors = distributed.sharded_user_vectors
+    long_v = torch.from_numpy(vectors(model, seqs, users, ctx, device, part="long", tower="long",
+                                      min_len=cfg.n_min, max_len=cfg.n_max, **kw))
+    short_v = torch.from_numpy(vectors(model, seqs, users, ctx, device, part="short", tower="short",
+                                       min_len=cfg.k_min, max_len=cfg.k_max, **kw))
     loss, metrics = bpr_loss(long_v, short_v, short_v.roll(1, dims=0), tau=cfg.tau)
     tie_order = np.random.default_rng([cfg.seed, 3]).permutation(len(users))  # ties rank as chance, as in evaluate
     reid = evaluate.reid_metrics(evaluate.reid_ranks(long_v.numpy(), short_v.numpy(), tie_order))
@@ -331,8 +341,12 @@ def checkpoint_state(model, opts, epoch, best, history, cfg) -> dict[str, Any]:
             "config": {k: getattr(cfg, k) for k in RESUME_KEYS}}
 
 
-def restore_checkpoint(path: Path, model, opts, cfg) -> tuple[int, dict, list]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def restore_checkpoint(path: Path, model, opts, cfg, ctx=distributed.Context()) -> tuple[int, dict, list]:
+    """Rank 0 reads the checkpoint and sends it to the others (no shared file system needed)."""
+    ckpt = distributed.broadcast(torch.load(path, map_location="cpu", weights_only=False)
+                                 if ctx.is_main and path.exists() else None, ctx)
+    if ckpt is None:
+        raise SystemExit(f"--resume: no checkpoint at {path}")
     changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k) != v}
     if changed:
         raise SystemExit(f"--resume: {path} was made with other settings "
@@ -363,32 +377,36 @@ def _load_summary(load) -> str:
     return f"share min/median/max {q[0]:.3%}/{q[1]:.3%}/{q[2]:.3%}"
 
 
-def train(cfg, model, seqs, train_users, val_users, device) -> tuple[dict, list]:
-    """The epoch loop: returns (best state_dict chosen on validation, history)."""
+def train(cfg, model, seqs, train_users, val_users, device,
+          ctx: distributed.Context = distributed.Context()) -> tuple[dict, list]:
+    """The epoch loop: returns (best state_dict chosen on validation, history). Distributed, every rank
+    runs it (and ends with the same weights); rank 0 writes the checkpoint."""
     opts = build_optimizers(model, cfg.lr)
     save_dir = Path(cfg.save_dir)
     ckpt_path = save_dir / model_io.CHECKPOINT_FILE
     start, best, history = 0, {"epoch": 0, "score": -math.inf, "state": None}, []
     if cfg.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        start, best, history = restore_checkpoint(ckpt_path, model, opts, cfg)
+        start, best, history = restore_checkpoint(ckpt_path, model, opts, cfg, ctx)
         print(f"resumed from {ckpt_path} after epoch {start}")
+    if ctx.rank:  # dropout masks differ between ranks; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.seed + ctx.rank)
+    net = distributed.wrap(model, ctx, device)
     for epoch in range(start, cfg.epochs):
         try:
-            rec = {"epoch": epoch + 1, **train_epoch(model, opts, seqs, train_users, cfg, device, epoch)}
+            rec = {"epoch": epoch + 1, **train_epoch(model, opts, seqs, train_users, cfg, device, epoch, ctx, net)}
         except NonFiniteLoss as e:
             e.best, e.history = best, history
             raise
         rec["moe"] = model.moe_layer.end_epoch()
-        rec.update(validate(model, seqs, val_users, cfg, device))
+        rec.update(validate(model, seqs, val_users, cfg, device, ctx))
         score = rec.get("val_mrr", -rec["train_loss"])  # no validation users: fall back on the training loss
         if score > best["score"]:
             best = {"epoch": epoch + 1, "score": score,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         history.append(rec)
         print(format_epoch(rec))
-        model_io.atomic_torch_save(checkpoint_state(model, opts, epoch + 1, best, history, cfg), ckpt_path)
+        if ctx.is_main:
+            model_io.atomic_torch_save(checkpoint_state(model, opts, epoch + 1, best, history, cfg), ckpt_path)
     return best, history
 
 
@@ -434,30 +452,36 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
     return 0
 
 
-def export(cfg, model, seqs, version: str, device) -> int:
-    """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis."""
+def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = distributed.Context()) -> int:
+    """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis.
+    Distributed, each rank computes a share of the users and rank 0 writes and publishes them all."""
     t0 = time.perf_counter()
-    vectors = inference.compute_user_vectors(model, seqs, part="all", tower="long", min_len=cfg.n_min,
-                                             max_len=cfg.n_max, batch_size=cfg.export_batch_size, device=device,
-                                             progress=cfg.progress)
+    vectors = distributed.sharded_user_vectors(model, seqs, None, ctx, device, part="all", tower="long",
+                                               min_len=cfg.n_min, max_len=cfg.n_max,
+                                               batch_size=cfg.export_batch_size, progress=cfg.progress)
     seconds = time.perf_counter() - t0
+    if not ctx.is_main:
+        return 0
     path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
     print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
           f"-> {path}")
     return publish(cfg, seqs.user_ids, vectors, version, path)
 
 
-def run_export_only(cfg, device) -> int:
-    """--republish: the saved vectors again; --export_only: new vectors for a (newer) log, saved model."""
+def run_export_only(cfg, device, ctx: distributed.Context = distributed.Context()) -> int:
+    """--republish: the saved vectors again; --export_only: new vectors for a (newer) log, saved model
+    (distributed: every rank loads it from save_dir and computes a share)."""
     if cfg.republish:
+        if not ctx.is_main:
+            return 0
         user_ids, vectors, version = model_io.load_vectors(cfg.save_dir)
         print(f"re-publishing {len(user_ids)} vectors of model {version} from {cfg.save_dir}")
         return publish(cfg, user_ids, vectors, version, Path(cfg.save_dir) / model_io.VECTORS_FILE)
     model, vocab, config = model_io.load_model(cfg.save_dir, device)
     for key in ("n_min", "n_max"):  # sequences as the model was trained on
         setattr(cfg, key, config["train"][key])
-    seqs = make_sequences(read_log(cfg), vocab)
-    return export(cfg, model, seqs, config["model_version"], device)
+    seqs = make_sequences(read_log(cfg, ctx), vocab)
+    return export(cfg, model, seqs, config["model_version"], device, ctx)
 
 
 def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history, device) -> dict:
@@ -482,45 +506,65 @@ def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, his
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     runtime.tune_malloc()
-    device = runtime.pick_device(cfg.device)
+    ctx, device = distributed.init(cfg.device)
+    try:
+        return run(cfg, ctx, device)
+    finally:
+        distributed.close(ctx)
+
+
+def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
+    """The whole job; under torchrun every rank runs it, rank 0 alone prints, writes files and publishes."""
+    if not ctx.is_main:
+        distributed.quiet_unless_main(ctx)
+        cfg.progress = False
     print("config: " + json.dumps(vars(cfg), sort_keys=True))
+    if ctx.distributed:
+        print(f"distributed: {ctx.world} processes ({ctx.backend}), a share of every batch each")
     if cfg.export_only or cfg.republish:
-        return run_export_only(cfg, device)
+        return run_export_only(cfg, device, ctx)
     runtime.seed_everything(cfg.seed)
-    events = read_log(cfg)
+    events = read_log(cfg, ctx)
     history, target, cutoff = split_target_day(events) if cfg.evaluate else (events, None, None)
-    vocab = data.Vocab.fit(history, min_item_count=cfg.min_item_count)
+    # fitted once, by rank 0, and sent to the others: every rank encodes the data the same way
+    vocab = distributed.broadcast(data.Vocab.fit(history, min_item_count=cfg.min_item_count)
+                                  if ctx.is_main else None, ctx)
     print(vocab.summary())
     seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
     train_users, val_users, test_users = split_users(seqs, cfg)
     print(f"training on {len(train_users)} users, validating on {len(val_users)}"
           + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
-    model = build_model(cfg, vocab).to(device)
+    # NCCL cannot all-reduce sparse gradients: on GPUs the item table is dense (and takes Adam)
+    model = build_model(cfg, vocab, sparse_item_grad=ctx.backend != "nccl").to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
           f"in the item table)")
     try:
-        best, history_log = train(cfg, model, seqs, train_users, val_users, device)
+        best, history_log = train(cfg, model, seqs, train_users, val_users, device, ctx)
     except NonFiniteLoss as e:
         if e.best["state"] is None:
             raise SystemExit(f"error: {e}; no epoch finished, so no weights were written. "
                              "Try a lower --lr.") from None
         model.load_state_dict(e.best["state"])
-        model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), {"history": e.history})
+        if ctx.is_main:
+            model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), {"history": e.history})
         raise SystemExit(f"error: {e}; saved the last good weights (epoch {e.best['epoch']}) to "
                          f"{cfg.save_dir}/ and stopped before export. Try a lower --lr.") from None
     model.load_state_dict(best["state"])
-    extra = {"best_epoch": best["epoch"], "history": history_log}
+    version = ""
+    if ctx.is_main:
+        extra = {"best_epoch": best["epoch"], "history": history_log, "world_size": ctx.world}
+        if cfg.evaluate:
+            extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
+        version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), extra)
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
+              f"peak memory so far {peak_gb:.1f} GB")
+        if cfg.evaluate:  # the other ranks wait for it at the export's gather
+            run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
     if cfg.evaluate:
-        extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
-    version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), extra)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
-          f"peak memory so far {peak_gb:.1f} GB")
-    if cfg.evaluate:
-        run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
         seqs = make_sequences(events, vocab, "export sequences (whole log)")
-    return export(cfg, model, seqs, version, device)
+    return export(cfg, model, seqs, version, device, ctx)
 
 
 if __name__ == "__main__":

@@ -165,13 +165,13 @@ def test_torn_save_leaves_previous_file_intact(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_with_clear_message(demo_log, tmp_path, monkeypatch):
-    real = train.triplet_loss
+    real = train.batch_loss
 
-    def nan_loss(cfg, long_v, short_v, shift):
-        loss, metrics = real(cfg, long_v, short_v, shift)
+    def nan_loss(*args):
+        loss, metrics = real(*args)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(train, "triplet_loss", nan_loss)
+    monkeypatch.setattr(train, "batch_loss", nan_loss)
     with pytest.raises(SystemExit, match="loss became nan .* no weights were written"):
         train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY])
     assert not (tmp_path / "long_term.pth").exists()
@@ -180,10 +180,10 @@ def test_non_finite_loss_stops_with_clear_message(demo_log, tmp_path, monkeypatc
 def test_non_finite_loss_keeps_last_good_weights(demo_log, tmp_path, monkeypatch):
     real = train.train_epoch
 
-    def flaky(model, opts, seqs, users, cfg, device, epoch):
+    def flaky(model, opts, seqs, users, cfg, device, epoch, *rest):
         if epoch == 1:
             raise train.NonFiniteLoss("loss became nan at epoch 2, step 1")
-        return real(model, opts, seqs, users, cfg, device, epoch)
+        return real(model, opts, seqs, users, cfg, device, epoch, *rest)
 
     monkeypatch.setattr(train, "train_epoch", flaky)
     with pytest.raises(SystemExit, match="last good weights \\(epoch 1\\)"):

@@ -1,0 +1,60 @@
+"""Run by tests/test_distributed.py under torchrun: one training step's gradients under DDP against the
+same step in one process. Rank 0 writes the largest differences as JSON to argv[1].
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_grad_check.py out.json bpr|infonce
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+import demo_data  # noqa: E402
+import distributed  # noqa: E402
+import train  # noqa: E402
+
+
+def grads(model) -> dict:
+    return {k: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+            for k, p in model.named_parameters() if p.grad is not None}
+
+
+def main(out: str, loss: str) -> None:
+    ctx, device = distributed.init("cpu")
+    cfg = train.parse_args(["--item_embedding_dim", "16", "--category_embedding_dim", "8", "--width", "16",
+                            "--hidden_dim", "8", "--depth", "1", "--heads", "2", "--head_dim", "8",
+                            "--moe_experts", "4", "--moe_hidden", "16", "--n_min", "8", "--n_max", "24",
+                            "--k_min", "2", "--k_max", "6", "--dropout", "0", "--loss", loss, "--tau", "0.5"])
+    log = Path(out).with_suffix(".csv")
+    if ctx.is_main:
+        demo_data.write_log(log, n_users=40, n_days=6, seed=5)
+    distributed.barrier(ctx)
+    events, _ = data.read_events(str(log), progress=False)
+    vocab = data.Vocab.fit(events)
+    seqs = data.build_sequences(events, vocab)
+    torch.manual_seed(0)
+    model = train.build_model(cfg, vocab)
+    single = copy.deepcopy(model)
+    users = np.asarray(seqs.trainable)[:23]  # an odd batch: the shards differ in size
+
+    net = distributed.wrap(model, ctx, device)
+    loss_ddp, value_ddp = train.batch_forward(net, seqs, users, 5, cfg, device, ctx)
+    loss_ddp.backward()
+    got = grads(model)
+    if ctx.is_main:
+        loss_one, value_one = train.batch_forward(distributed.PairEncoder(single), seqs, users, 5, cfg, device)
+        loss_one.backward()
+        want = grads(single)
+        diff = {k: float((got[k] - want[k]).abs().max()) for k in want}
+        scale = {k: float(want[k].abs().max()) for k in want}
+        Path(out).write_text(json.dumps({"diff": diff, "scale": scale, "missing": sorted(set(want) - set(got)),
+                                         "value": [value_ddp, value_one]}))
+    distributed.close(ctx)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

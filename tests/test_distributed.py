@@ -1,0 +1,133 @@
+"""torchrun with two Gloo processes on the CPU against one process on the same data: same vectors, same
+global expert statistics, one writer of files and of Redis."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+import demo_data
+import distributed
+import model_io
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny shapes; no dropout, so two processes and one can compute the same thing.
+FLAGS = ["--item_embedding_dim", "16", "--category_embedding_dim", "8", "--width", "16", "--hidden_dim", "8",
+         "--depth", "1", "--heads", "2", "--head_dim", "8", "--moe_experts", "4", "--moe_activated", "2",
+         "--moe_hidden", "16", "--n_min", "8", "--n_max", "24", "--k_min", "2", "--k_max", "6",
+         "--batch_size", "32", "--epochs", "2", "--export_batch_size", "128", "--no-progress", "--dropout", "0",
+         "--no-evaluate"]
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, redis_server):
+    """The same training twice: in this process, and as 2 torchrun ranks publishing to Redis."""
+    log = tmp_path_factory.mktemp("log") / "log.csv"
+    demo_data.write_log(log, n_users=120, n_days=10, seed=3)
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    assert train.main(["--data_path", str(log), "--save_dir", str(one), "--no_redis", *FLAGS]) == 0
+    r = redis.Redis.from_url(redis_server)
+    r.set("ddp:foreign", "keep me")
+    done = torchrun("--data_path", str(log), "--save_dir", str(two), "--redis_url", redis_server,
+                    "--redis_prefix", "ddp:", *FLAGS)
+    return {"log": log, "one": one, "two": two, "stdout": done.stdout, "redis": r}
+
+
+def test_two_ranks_train_the_same_model_as_one_process(runs):
+    ids1, v1, _ = model_io.load_vectors(runs["one"])
+    ids2, v2, _ = model_io.load_vectors(runs["two"])
+    assert np.array_equal(ids1, ids2) and v2.shape == (120, 8)
+    assert np.abs(v1 - v2).max() < 1e-4
+    assert np.abs(v1 - v2[::-1]).max() > 0.01  # the tolerance is far below what telling users apart needs
+
+
+def test_expert_counts_are_global_and_equal_the_single_process_counts(runs):
+    h1 = model_io.read_config(runs["one"])["history"]
+    h2 = model_io.read_config(runs["two"])["history"]
+    assert len(h1) == len(h2) == 2
+    for e1, e2 in zip(h1, h2):
+        per_rank = np.array(e2["moe"]["rank_load"])
+        assert per_rank.shape == (2, 4) and (per_rank.sum(1) > 0).all()
+        total = per_rank.sum(0)
+        assert total.sum() == e2["moe"]["activations"] == e1["moe"]["activations"]
+        assert np.allclose(total / total.mean(), e2["moe"]["load"], atol=1e-4)
+        assert e1["moe"]["load"] == e2["moe"]["load"]
+        assert e1["train_loss"] == pytest.approx(e2["train_loss"], abs=1e-5)
+    s1 = torch.load(runs["one"] / "moe_layer.pth")
+    s2 = torch.load(runs["two"] / "moe_layer.pth")
+    assert torch.equal(s1["penalty"], s2["penalty"])  # the balancing state all ranks routed with
+
+
+def test_one_process_writes_prints_and_publishes(runs):
+    two, out, r = runs["two"], runs["stdout"], runs["redis"]
+    assert out.count("config: ") == 1 and "distributed: 2 processes (gloo)" in out
+    assert model_io.read_config(two)["world_size"] == 2
+    for name in model_io.MODULE_NAMES:
+        assert (two / f"{name}.pth").exists()
+    ids, vectors, _ = model_io.load_vectors(two)
+    assert sorted(k for k in r.keys("ddp:*") if k[4:].isdigit()) == sorted(f"ddp:{u}".encode() for u in ids)
+    assert r.get("ddp:__meta__") is not None  # published once, with its metadata
+    for uid, vec in zip(ids, vectors):
+        assert np.allclose(json.loads(r.get(f"ddp:{uid}")), vec, atol=1e-6)
+    assert r.get("ddp:foreign") == b"keep me"
+
+
+def test_sharded_export_only_equals_the_training_export(runs, tmp_path):
+    """--export_only under torchrun: each rank embeds a share of the users with the saved model."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for f in runs["two"].iterdir():
+        if f.is_file():
+            (saved / f.name).write_bytes(f.read_bytes())
+    (saved / model_io.VECTORS_FILE).unlink()
+    torchrun("--export_only", "--data_path", str(runs["log"]), "--save_dir", str(saved), "--no_redis",
+             "--no-progress", nproc=3)
+    ids, vectors, _ = model_io.load_vectors(saved)
+    ids0, vectors0, _ = model_io.load_vectors(runs["two"])
+    assert np.array_equal(ids, ids0) and np.allclose(vectors, vectors0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, world", [(7, 3), (2, 2), (5, 1), (64, 4)])
+def test_shards_cover_the_batch_in_order(n, world):
+    slices = [distributed.shard_slice(n, distributed.Context(rank=r, world=world)) for r in range(world)]
+    assert np.array_equal(np.concatenate([np.arange(n)[s] for s in slices]), np.arange(n))
+    assert max(s.stop - s.start for s in slices) - min(s.stop - s.start for s in slices) <= 1
+
+
+def test_batches_leave_every_rank_a_user():
+    rng = np.random.default_rng(0)
+    batches = train.epoch_batches(np.arange(9), np.ones(9, dtype=int), 256, rng, min_size=4)
+    assert all(len(b) >= 4 for b in batches) and sorted(np.concatenate(batches)) == list(range(9))
+
+
+@pytest.mark.parametrize("loss", ["bpr", "infonce"])
+def test_one_ddp_step_has_the_single_process_gradient(loss, tmp_path):
+    """Each rank takes a share of an odd-sized batch; the negatives come from the whole batch (gathered with
+    gradient) and the loss is scaled, so DDP's averaged gradient is one process's, parameter by parameter."""
+    out = tmp_path / "grads.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_grad_check.py"), str(out), loss]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["missing"] == []
+    assert result["value"][0] == pytest.approx(result["value"][1], rel=1e-6)
+    for name, diff in result["diff"].items():
+        assert diff <= 1e-5 * max(result["scale"][name], 1e-3), name
