@@ -8,6 +8,8 @@ On a real log (Tianchi tianchi_mobile_recommend_train_user.csv, or Taobao UserBe
 Daily refresh with the saved model and vocabulary (no training), or re-publish the saved vectors:
     python train.py --export_only --data_path DATA/train_user
     python train.py --republish --redis_url redis://host:6379/0
+On several GPUs or machines (DistributedDataParallel; see distributed.py):
+    torchrun --nproc_per_node=8 train.py --batch_size 2048
 Every constant below is also a flag: --epochs 10, --moe_balance bias, --no-evaluate, ...
 """
 from __future__ import annotations
