@@ -91,7 +91,7 @@ SEED = 1337  # seeds data split, initialisation, dropout and negatives
 DEVICE = "auto"  # auto | cpu | cuda | cuda:N (auto takes CUDA when present)
 # export and Redis
 EXPORT_BATCH_SIZE = 512  # users per inference batch when computing vectors
-REDIS_URL = ""  # redis://[:password@]host:port/db or rediss://; empty = localhost:6379, started if needed
+REDIS_URL = ""  # redis://[:password@]host:port/db, rediss://, redis+cluster://host:port (any node); empty = localhost:6379, started if needed
 REDIS_PREFIX = ""  # key prefix; empty keeps the seed's layout (key = raw user id)
 REDIS_FORMAT = "json"  # json (json.loads(r.get(uid))) | f32 (np.frombuffer(r.get(uid), '<f4'), 4x smaller)
 REDIS_LAYOUT = "plain"  # plain (key per user) | versioned (keys per model version + a pointer switched at the end)
@@ -449,7 +449,11 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
           f"(format {cfg.redis_format}, layout {cfg.redis_layout}, model {version})")
     example = int(user_ids[0])
     if cfg.redis_layout == "plain" and cfg.redis_format == "json":
-        print(f"read one back: python -c \"import json, redis; r = redis.Redis.from_url('{redis_store.safe_url(url)}'); "
+        safe = redis_store.safe_url(url)
+        client_code = "redis.Redis.from_url"
+        if "+cluster://" in safe:  # redis-py's cluster client takes the plain scheme
+            client_code, safe = "redis.cluster.RedisCluster.from_url", safe.replace("+cluster://", "://", 1)
+        print(f"read one back: python -c \"import json, redis, redis.cluster; r = {client_code}('{safe}'); "
               f"print(json.loads(r.get('{cfg.redis_prefix}{example}'))[:4])\"")
     return 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
+from redis.cluster import RedisCluster
 import torch
 
 import demo_data
@@ -36,15 +36,17 @@ def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, redis_server):
-    """The same training twice: in this process, and as 2 torchrun ranks publishing to Redis."""
+def runs(tmp_path_factory, redis_cluster):
+    """The same training twice: in this process, and as 2 torchrun ranks publishing to a 3-node Redis
+    Cluster."""
     log = tmp_path_factory.mktemp("log") / "log.csv"
     demo_data.write_log(log, n_users=120, n_days=10, seed=3)
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     assert train.main(["--data_path", str(log), "--save_dir", str(one), "--no_redis", *FLAGS]) == 0
-    r = redis.Redis.from_url(redis_server)
-    r.set("ddp:foreign", "keep me")
-    done = torchrun("--data_path", str(log), "--save_dir", str(two), "--redis_url", redis_server,
+    r = RedisCluster.from_url(redis_cluster.url.replace("+cluster", ""))
+    for i in range(20):  # keys we did not write, in many slots (on every node)
+        r.set(f"ddp:foreign{i}", "keep me")
+    done = torchrun("--data_path", str(log), "--save_dir", str(two), "--redis_url", redis_cluster.url,
                     "--redis_prefix", "ddp:", *FLAGS)
     return {"log": log, "one": one, "two": two, "stdout": done.stdout, "redis": r}
 
@@ -81,11 +83,13 @@ def test_one_process_writes_prints_and_publishes(runs):
     for name in model_io.MODULE_NAMES:
         assert (two / f"{name}.pth").exists()
     ids, vectors, _ = model_io.load_vectors(two)
-    assert sorted(k for k in r.keys("ddp:*") if k[4:].isdigit()) == sorted(f"ddp:{u}".encode() for u in ids)
+    keys = r.keys("ddp:*", target_nodes=RedisCluster.PRIMARIES)
+    assert sorted(k for k in keys if k[4:].isdigit()) == sorted(f"ddp:{u}".encode() for u in ids)
     assert r.get("ddp:__meta__") is not None  # published once, with its metadata
     for uid, vec in zip(ids, vectors):
         assert np.allclose(json.loads(r.get(f"ddp:{uid}")), vec, atol=1e-6)
-    assert r.get("ddp:foreign") == b"keep me"
+    assert all(r.get(f"ddp:foreign{i}") == b"keep me" for i in range(20))
+    assert "RedisCluster.from_url('redis://" in out  # the read-back hint works for a cluster
 
 
 def test_sharded_export_only_equals_the_training_export(runs, tmp_path):
