@@ -53,6 +53,10 @@ class ModelConfig:
         max_positions: recency positions with their own embedding; older events share the last one.
         pooling: 'cls' (the [CLS] token's output) or 'mean' (mean of the real events' outputs).
         sparse_item_grad: item table with sparse gradients (train.py can use SparseAdam for it).
+        feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
+            time) before the projection, so each enters at the same scale whatever its table's init or
+            size; without it the time features (norm ~2, mostly the Linear's bias, alike for every
+            user) outweigh the std-0.02 item and category embeddings ~10:1 and every token looks alike.
     """
     # vocabulary (sizes of the fitted vocabulary, no default)
     n_items: int
@@ -72,6 +76,7 @@ class ModelConfig:
     max_positions: int = 256
     pooling: str = 'cls'
     sparse_item_grad: bool = True
+    feature_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.n_items < 2 or self.n_categories < 2:
@@ -106,6 +111,9 @@ class FeatureEmbedding(nn.Module):
         concat = cfg.item_embedding_dim + cfg.category_embedding_dim + 5 * small
         self.proj = nn.Linear(concat, cfg.width)
         self.norm = nn.LayerNorm(cfg.width)
+        if cfg.feature_norm:
+            self.group_norms = nn.ModuleList([nn.LayerNorm(cfg.item_embedding_dim),
+                                              nn.LayerNorm(cfg.category_embedding_dim), nn.LayerNorm(5 * small)])
         self.dropout = nn.Dropout(cfg.dropout)
         for emb in (self.item, self.category, self.weekday, self.hour, self.weekend, self.behavior):
             nn.init.normal_(emb.weight, std=0.02)
@@ -115,9 +123,13 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """batch: dict of (B, L) int64 features, 'time' (B, L, 2), 'mask' (B, L) -> (B, L, width)."""
         mask = batch_mask(batch)
-        parts = [self.item(batch['item']), self.category(batch['category']), self.weekday(batch['weekday']),
-                 self.hour(batch['hour']), self.weekend(batch['weekend']), self.behavior(batch['behavior']),
-                 self.time(batch['time'].to(self.time.weight.dtype))]
+        context = [self.weekday(batch['weekday']), self.hour(batch['hour']), self.weekend(batch['weekend']),
+                   self.behavior(batch['behavior']), self.time(batch['time'].to(self.time.weight.dtype))]
+        parts = [self.item(batch['item']), self.category(batch['category'])]
+        if self.cfg.feature_norm:
+            parts = [ln(p) for ln, p in zip(self.group_norms, parts + [torch.cat(context, dim=-1)])]
+        else:
+            parts += context
         x = _dropout(self.norm(self.proj(torch.cat(parts, dim=-1))), self.dropout.p, self.training)   # (B, L, width)
         return x * mask.unsqueeze(-1).to(x.dtype)
 

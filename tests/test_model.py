@@ -95,10 +95,10 @@ def test_feature_embedding_zero_at_padding(tiny_model):
     assert torch.all(x[~b['mask']] == 0) and torch.all(x[b['mask']].abs().sum(-1) > 0)
 
 
-@pytest.mark.parametrize('pooling', ['cls', 'mean'])
-def test_padding_does_not_change_a_users_vector(pooling):
+@pytest.mark.parametrize('pooling, feature_norm', [('cls', True), ('mean', True), ('cls', False)])
+def test_padding_does_not_change_a_users_vector(pooling, feature_norm):
     torch.manual_seed(1)
-    model = LongTermInterestModel(tiny_cfg(pooling=pooling), tiny_moe_cfg()).eval()
+    model = LongTermInterestModel(tiny_cfg(pooling=pooling, feature_norm=feature_norm), tiny_moe_cfg()).eval()
     b = make_batch([6, 3, 1], 6)
     with torch.no_grad():
         v = model.encode(b)
@@ -240,3 +240,19 @@ def test_feature_embedding_standalone_without_mask_key():
     without = {k: v for k, v in b.items() if k != 'mask'}
     fe.eval()
     assert torch.equal(fe(without), fe(b))
+
+
+def test_feature_groups_enter_at_the_same_scale():
+    """Each feature group is layer-normed before the projection: at init the time features (a Linear with a
+    bias, nearly the same for every event) no longer outweigh the item embedding, so tokens of different
+    items differ. Without it, different users' tokens are nearly parallel."""
+    b = make_batch([6, 6, 6, 6], 6)
+    b['item'] = torch.randint(2, N_ITEMS, b['item'].shape)
+    cos = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        emb = FeatureEmbedding(tiny_cfg(feature_norm=norm)).eval()
+        with torch.no_grad():
+            x = torch.nn.functional.normalize(emb(b).reshape(-1, emb.cfg.width), dim=-1)
+        cos[norm] = float((x @ x.t()).mean())
+    assert cos[False] > 0.8 and cos[True] < 0.6

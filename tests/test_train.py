@@ -270,3 +270,11 @@ def test_epoch_batches_cover_every_user_once_with_length_buckets():
     spread = np.median([np.ptp(lengths[b]) for b in batches])
     assert spread < 0.5 * np.ptp(lengths)
     assert len(train.epoch_batches(np.arange(3), lengths, 64, rng)) == 1
+
+
+def test_config_saved_before_feature_norm_builds_the_old_model(trained):
+    config = model_io.read_config(trained[0])
+    assert config["model"]["feature_norm"] is True
+    assert hasattr(model_io.build_model(config).feature_embedding, "group_norms")
+    del config["model"]["feature_norm"]  # what config.json held before the field existed
+    assert not hasattr(model_io.build_model(config).feature_embedding, "group_norms")
