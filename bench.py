@@ -9,7 +9,7 @@ against a reference measured side by side in the same run (the machine is shared
 Sections: data (read -> CSR vs pandas and a naive pipeline), moe (MoE vs dense SwiGLU vs naive loop),
 train (triplets/s with the optimiser, MFU against a GEMM peak, malloc tuning on/off), inference (export
 users/s vs the training rate), redis (publish vs a raw-socket SET ceiling), growth (every stage at 1x, 2x, 4x
-users, and the long length 100 vs 200), gpu (only with CUDA).
+users, and the long length 100 vs 200), ddp (one epoch in 1 process vs torchrun processes), gpu (only with CUDA).
 The last table lists every goal with its measured value and PASS/MISS.
 
 Heavy measurements run in a fresh Python process (`python bench.py --task NAME ...`), so each row's peak
@@ -1003,6 +1003,43 @@ def report_growth(runs: dict, lruns: dict, base: int, batch: int, lbatch: int, r
     return {'base_users': base, 'batch_size': batch, 'length_batch_size': lbatch, 'repeats': repeats,
             'length_repeats': len(lr),
             'stages': out, 'length': lout, 'runs': runs, 'length_runs': lruns}
+
+
+
+# ----------------------------------------------------------------------------------------------
+# ddp: the same epoch in one process and in torchrun processes (Gloo on the CPU, NCCL with GPUs)
+
+def _train_rate(argv: list, nproc: int) -> float:
+    """triplets/s of one `train.py` epoch; nproc > 1 runs it under torchrun (a share of each batch per rank)."""
+    import re
+    import tempfile
+    launcher = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+                if nproc > 1 else [sys.executable])
+    with tempfile.TemporaryDirectory() as save_dir:
+        p = subprocess.run(launcher + ['train.py', *argv, '--save_dir', save_dir], capture_output=True, text=True,
+                           cwd=HERE, timeout=1800)
+    rates = re.findall(r'^epoch \d+: .*?\| ([\d.]+) triplets/s', p.stdout, re.M)
+    if p.returncode != 0 or not rates:
+        raise RuntimeError(f'train.py with {nproc} process(es) failed (rc {p.returncode}):\n{p.stderr[-3000:]}')
+    return float(rates[-1])
+
+
+@section('ddp', 'one training epoch in 1 process vs torchrun processes sharing every batch (Gloo on the CPU)')
+def bench_ddp(args) -> None:
+    import torch
+    cores = os.cpu_count() or 1
+    nproc = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    argv = ['--data_path', _demo_log(), '--no-evaluate', '--no_redis', '--no-progress', '--epochs', '1',
+            '--val_fraction', '0', '--batch_size', str(args.batch_size or 128)]
+    rows, ratios = [], []
+    for _ in range(2 if args.full else 1):   # paired: one process, then the torchrun run, back to back
+        one, many = _train_rate(argv, 1), _train_rate(argv, nproc)
+        ratios.append(many / one)
+        rows.append([f'{one:.1f}', f'{many:.1f}', f'{many / one:.2f}x'])
+    print_table(f'ddp: triplets/s of one epoch on {DEMO_USERS} demo users ({cores} cores; torchrun gives each of its '
+                f'{nproc} processes 1 thread, one process uses all cores)',
+                ['1 process', f'{nproc} processes', 'ratio'], rows)
+    RESULTS['ddp'] = {'one': rows, 'ratio': median(ratios), 'nproc': nproc}
 
 
 # ----------------------------------------------------------------------------------------------
