@@ -60,6 +60,7 @@ import hashlib
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -1140,8 +1141,9 @@ class LocalServer:
     """A throw-away valkey-server child process (no persistence); for tests and benchmarks."""
 
     def __init__(self, process: subprocess.Popen, host: str, port: int, workdir: str,
-                 cluster_port: int | None = None):
+                 cluster_port: int | None = None, owns_workdir: bool = False):
         self.process = process
+        self.owns_workdir = owns_workdir  # a temporary directory made for it: removed by stop()
         self.host = host
         self.port = port
         self.workdir = workdir
@@ -1169,6 +1171,8 @@ class LocalServer:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalServer:
         return self
@@ -1189,6 +1193,7 @@ def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[
         cluster: start it as an empty Redis Cluster node (`cluster-enabled yes`, its node file in
             `workdir`, a free cluster bus port); `start_test_cluster` joins such nodes.
     """
+    owns_workdir = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix='valkey-test-')
     os.makedirs(workdir, exist_ok=True)
     last_log = ''
@@ -1207,7 +1212,7 @@ def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             if _ping_state(host, p) != 'none':
-                return LocalServer(proc, host, p, workdir, cluster_port=bus)
+                return LocalServer(proc, host, p, workdir, cluster_port=bus, owns_workdir=owns_workdir)
             time.sleep(0.03)
         if proc.poll() is None:
             proc.kill()

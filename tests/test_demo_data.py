@@ -107,3 +107,10 @@ def test_bad_arguments():
         demo_data.generate(n_users=0)
     with pytest.raises(ValueError):
         demo_data.generate(n_users=5, dup_rate=1.0)
+
+
+@pytest.mark.parametrize("n_users", [1, 2, 7, 20])
+def test_tiny_logs_have_distinct_user_ids(n_users):
+    for seed in range(30):  # small counts used to overflow the id range for some seeds
+        log = demo_data.generate(n_users=n_users, n_days=3, seed=seed, mean_events=5)
+        assert log["user_id"].nunique() == n_users

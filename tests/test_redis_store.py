@@ -421,3 +421,15 @@ def test_reserved_ids_and_foreign_version_sets_are_refused(redis_server):
                    progress=False)
     assert client.get('rs-foreignset:v:someone-elses:1') == b'keep'
     assert client.ttl('rs-foreignset:v:someone-elses:1') == -1
+
+
+def test_test_server_removes_only_the_directory_it_made(tmp_path):
+    server = rs.start_test_server()
+    made = server.workdir
+    assert os.path.isdir(made)
+    server.stop()
+    assert not os.path.exists(made)
+    given = tmp_path / "kept"
+    with rs.start_test_server(workdir=str(given)):
+        pass
+    assert given.is_dir()
