@@ -538,6 +538,9 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     print(vocab.summary())
     seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
     train_users, val_users, test_users = split_users(seqs, cfg)
+    if len(train_users) < ctx.world:
+        raise SystemExit(f"only {len(train_users)} training users for {ctx.world} processes: every process needs "
+                         "a user in every batch (use fewer processes)")
     print(f"training on {len(train_users)} users, validating on {len(val_users)}"
           + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
     # NCCL cannot all-reduce sparse gradients: on GPUs the item table is dense (and takes Adam)
