@@ -43,7 +43,7 @@ import redis_store
 import report
 import runtime
 from DeepSeekMoE import MoEConfig
-from LongTermInterestModel import LongTermInterestModel, ModelConfig, batch_loss, bpr_loss
+from LongTermInterestModel import LongTermInterestModel, ModelConfig, batch_loss
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -322,7 +322,7 @@ def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distrib
                                       min_len=cfg.n_min, max_len=cfg.n_max, **kw))
     short_v = torch.from_numpy(vectors(model, seqs, users, ctx, device, part="short", tower="short",
                                        min_len=cfg.k_min, max_len=cfg.k_max, **kw))
-    loss, metrics = bpr_loss(long_v, short_v, short_v.roll(1, dims=0), tau=cfg.tau)
+    loss, metrics = batch_loss(long_v, short_v, "bpr", cfg.tau, neg_shift=1)
     tie_order = np.random.default_rng([cfg.seed, 3]).permutation(len(users))  # ties rank as chance, as in evaluate
     reid = evaluate.reid_metrics(evaluate.reid_ranks(long_v.numpy(), short_v.numpy(), tie_order))
     return {"val_loss": loss.item(), "val_acc": float(metrics["acc"]), "val_mrr": reid["mrr"],
@@ -521,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     """The whole job; under torchrun every rank runs it, rank 0 alone prints, writes files and publishes."""
+    distributed.quiet_unless_main(ctx)
     if not ctx.is_main:
-        distributed.quiet_unless_main(ctx)
         cfg.progress = False
     print("config: " + json.dumps(vars(cfg), sort_keys=True))
     if ctx.distributed:
