@@ -283,6 +283,12 @@ def _cluster_enabled(client: redis.Redis) -> bool:
         return False
 
 
+def plain_url(url: str) -> str:
+    """redis+cluster://... -> redis://... (rediss+cluster -> rediss): the scheme redis-py's clients
+    parse; `redis.cluster.RedisCluster.from_url` takes it for a cluster. Other URLs are returned as is."""
+    return re.sub(r'(?i)^(rediss?)[+]cluster(?=://)', r'\1', url)
+
+
 def _cluster_url(url: str) -> str:
     """redis://host:port/db -> redis+cluster://host:port (a cluster has database 0 only)."""
     parts = urlsplit(url)
@@ -326,7 +332,7 @@ def _connect_cluster(url: str, timeout: float, socket_timeout: float, ctx: dict)
         raise _failure(f'invalid Redis Cluster URL {safe!r}: a cluster has database 0 only '
                        f'(drop {parts.path!r})', **ctx)
     # redis-py's parser knows redis:// and rediss://; the cluster is chosen by the client class.
-    plain = urlunsplit(parts._replace(scheme=parts.scheme.lower().split('+')[0], path=''))
+    plain = urlunsplit(urlsplit(plain_url(url))._replace(path=''))
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), DEFAULT_RETRIES)
     probe = None
     try:
@@ -355,7 +361,7 @@ def _connect_cluster(url: str, timeout: float, socket_timeout: float, ctx: dict)
             raise _auth_failure(url, safe, e, ctx) from e
         text = str(e)
         if 'Cluster mode is not enabled' in text:
-            single = re.sub(r'(?i)^(rediss?)[+]cluster', r'\1', safe)
+            single = plain_url(safe)
             raise _failure(f'Redis at {safe} is not a Redis Cluster (cluster support is disabled on '
                            f'that server); use {single} for a single server', **ctx) from e
         if 'slots are not covered' in text:

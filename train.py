@@ -450,10 +450,9 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
     example = int(user_ids[0])
     if cfg.redis_layout == "plain" and cfg.redis_format == "json":
         safe = redis_store.safe_url(url)
-        client_code = "redis.Redis.from_url"
-        if "+cluster://" in safe:  # redis-py's cluster client takes the plain scheme
-            client_code, safe = "redis.cluster.RedisCluster.from_url", safe.replace("+cluster://", "://", 1)
-        print(f"read one back: python -c \"import json, redis, redis.cluster; r = {client_code}('{safe}'); "
+        client_code = "redis.Redis" if redis_store.plain_url(safe) == safe else "redis.cluster.RedisCluster"
+        print(f"read one back: python -c \"import json, redis, redis.cluster; "
+              f"r = {client_code}.from_url('{redis_store.plain_url(safe)}'); "
               f"print(json.loads(r.get('{cfg.redis_prefix}{example}'))[:4])\"")
     return 0
 

@@ -14,6 +14,7 @@ import torch
 import demo_data
 import distributed
 import model_io
+import redis_store
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def runs(tmp_path_factory, redis_cluster):
     demo_data.write_log(log, n_users=120, n_days=10, seed=3)
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     assert train.main(["--data_path", str(log), "--save_dir", str(one), "--no_redis", *FLAGS]) == 0
-    r = RedisCluster.from_url(redis_cluster.url.replace("+cluster", ""))
+    r = RedisCluster.from_url(redis_store.plain_url(redis_cluster.url))
     for i in range(20):  # keys we did not write, in many slots (on every node)
         r.set(f"ddp:foreign{i}", "keep me")
     done = torchrun("--data_path", str(log), "--save_dir", str(two), "--redis_url", redis_cluster.url,
