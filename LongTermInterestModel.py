@@ -3,9 +3,11 @@
 Pipeline (the contract with train.py; the four modules are saved as separate state_dicts):
 
     x = feature_embedding(batch)             # (B, L, width), zero at padded positions
+    t = feature_embedding.target(batch['item'], batch['category'])   # (B, L, hidden_dim) event targets
     x = moe_layer(x, batch['mask'])          # (B, L, width)   DeepSeekMoE.MoE
-    long_vec = long_term(x, batch['mask'])   # (B, hidden_dim), L2-normalised
-    short_vec = short_term(x_short, mask_short)
+    long_vec = long_term(x, batch['mask'], t)   # (B, hidden_dim), L2-normalised
+    short_vec = short_term(x_short, mask_short, t_short)
+    (LongTermInterestModel.encode does all of this; t only with ModelConfig.skip_pool)
 
 Batches are dicts of tensors (see data.py): 'item', 'category', 'weekday', 'hour', 'weekend', 'behavior'
 int64 (B, L) with 0 = padding, 'time' float (B, L, 2) and 'mask' bool (B, L), real events right-padded
@@ -53,6 +55,12 @@ class ModelConfig:
         max_positions: recency positions with their own embedding; older events share the last one.
         pooling: 'cls' (the [CLS] token's output) or 'mean' (mean of the real events' outputs).
         sparse_item_grad: item table with sparse gradients (train.py can use SparseAdam for it).
+        target_head: a projection of each event's item and category embeddings into the user-vector space
+            (`FeatureEmbedding.target`): what the 'allaction' objective scores the user's future events with,
+            what next-day candidates are scored with, and what `skip_pool` pools.
+        skip_pool: each tower adds a recency-weighted pool of its events' target vectors to the [CLS]
+            output, so the user vector starts as (and can never be worse than) a learned pooling of the
+            history; the [CLS] path's head starts at zero and learns what pooling misses.
         feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
             time) before the projection, so each enters at the same scale whatever its table's init or
             size; without it the time features (norm ~2, mostly the Linear's bias, alike for every
@@ -77,6 +85,8 @@ class ModelConfig:
     pooling: str = 'cls'
     sparse_item_grad: bool = True
     feature_norm: bool = True
+    target_head: bool = True
+    skip_pool: bool = True
 
     def __post_init__(self) -> None:
         if self.n_items < 2 or self.n_categories < 2:
@@ -86,6 +96,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.max_positions < 1:
             raise ValueError(f"ModelConfig.max_positions must be >= 1, got {self.max_positions}")
+        if self.skip_pool and not self.target_head:
+            raise ValueError("ModelConfig.skip_pool pools the events' target vectors: it needs target_head")
 
 
 def batch_mask(batch: dict) -> torch.Tensor:
@@ -114,6 +126,14 @@ class FeatureEmbedding(nn.Module):
         if cfg.feature_norm:
             self.group_norms = nn.ModuleList([nn.LayerNorm(cfg.item_embedding_dim),
                                               nn.LayerNorm(cfg.category_embedding_dim), nn.LayerNorm(5 * small)])
+        if cfg.target_head:
+            self.target_norms = nn.ModuleList([nn.LayerNorm(cfg.item_embedding_dim),
+                                               nn.LayerNorm(cfg.category_embedding_dim)])
+            # bias-free: a bias is one direction shared by every item, which would make them all look alike
+            self.target_item = nn.Linear(cfg.item_embedding_dim, cfg.hidden_dim - cfg.hidden_dim // 2, bias=False)
+            self.target_category = nn.Linear(cfg.category_embedding_dim, cfg.hidden_dim // 2, bias=False)
+            nn.init.orthogonal_(self.target_item.weight)       # keeps distances: a rotation when the sizes match
+            nn.init.orthogonal_(self.target_category.weight)
         self.dropout = nn.Dropout(cfg.dropout)
         for emb in (self.item, self.category, self.weekday, self.hour, self.weekend, self.behavior):
             nn.init.normal_(emb.weight, std=0.02)
@@ -132,6 +152,18 @@ class FeatureEmbedding(nn.Module):
             parts += context
         x = _dropout(self.norm(self.proj(torch.cat(parts, dim=-1))), self.dropout.p, self.training)   # (B, L, width)
         return x * mask.unsqueeze(-1).to(x.dtype)
+
+    def target(self, item: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (..., hidden_dim) of (item, category) pairs in the user-vector space: the events a
+        user vector should score high. A category alone is (item = 1, the unknown item; that category).
+
+        An item half (the first hidden_dim - hidden_dim // 2 entries) and a category half, each of norm
+        1/sqrt(2): neither can drown the other, so item identity survives next to the category (as in the
+        mean_emb baseline, which concatenates the two normalised means). Padding (0, 0) maps to zero.
+        """
+        ti = self.target_item(self.target_norms[0](self.item(item)))
+        tc = self.target_category(self.target_norms[1](self.category(category)))
+        return torch.cat([F.normalize(ti, dim=-1), F.normalize(tc, dim=-1)], dim=-1) * 2 ** -0.5
 
 
 def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -211,10 +243,20 @@ class InterestTower(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.hidden_dim)
+        if cfg.skip_pool:
+            # pooling weight of each recency position (softmax over the real events); 0 = a plain mean
+            self.pool_logit = nn.Embedding(cfg.max_positions, 1)
+            nn.init.zeros_(self.pool_logit.weight)
+            nn.init.zeros_(self.head.weight)   # the vector starts as the pool; [CLS] adds what it misses
+            nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                known: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, width), mask (B, L) bool (right-padded) -> (B, hidden_dim) unit vectors.
 
+        targets (B, L, hidden_dim): the events' target vectors (FeatureEmbedding.target), pooled into the
+        output when cfg.skip_pool; known (B, L) bool: events whose item is known (not the shared unknown
+        row, which identifies nobody), the only ones pooled into the item half (default: all real events).
         Padding never changes the result: padded keys are masked out of attention (the [CLS] key never
         is, so no row is empty), recency depends only on the number of real events, and pooling reads
         only [CLS] or the real positions.
@@ -223,6 +265,8 @@ class InterestTower(nn.Module):
         mask = mask.to(torch.bool)
         n = mask.sum(1, keepdim=True)                                        # (B, 1) real events
         recency = (n - 1 - torch.arange(l, device=x.device)).clamp(0, self.cfg.max_positions - 1)   # (B, L)
+        skip = self._pool(targets, recency, mask, mask if known is None else known & mask) \
+            if self.cfg.skip_pool else None                                 # (B, hidden_dim)
         x = (x + self.recency(recency)) * mask.unsqueeze(-1).to(x.dtype)
         x = torch.cat([self.cls.expand(b, 1, -1).to(x.dtype), x], dim=1)    # (B, 1+L, width)
         keys = F.pad(mask, (1, 0), value=True)                               # (B, 1+L)
@@ -235,7 +279,22 @@ class InterestTower(nn.Module):
         else:
             m = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x[:, 1:] * m).sum(1) / m.sum(1).clamp(min=1)
-        return F.normalize(self.head(pooled), dim=-1)                       # (B, hidden_dim)
+        v = self.head(pooled)                                               # (B, hidden_dim)
+        return F.normalize(v if skip is None else v + skip, dim=-1)
+
+    def _pool(self, targets: Optional[torch.Tensor], recency: torch.Tensor, mask: torch.Tensor,
+              known: torch.Tensor) -> torch.Tensor:
+        """Softmax-over-recency weighted means of the target vectors' item halves (events with known items)
+        and category halves (every real event), each normalised: (B, hidden_dim), norm <= 1."""
+        if targets is None:
+            raise ValueError("InterestTower with skip_pool needs the events' target vectors")
+        logit = self.pool_logit(recency).squeeze(-1).float()                # (B, L)
+        split = targets.shape[-1] - targets.shape[-1] // 2
+        halves = []
+        for part, m in ((targets[..., :split], known), (targets[..., split:], mask)):
+            w = torch.softmax(logit.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
+            halves.append(F.normalize(torch.einsum('bl,bld->bd', w.to(part.dtype), part), dim=-1))
+        return torch.cat(halves, dim=-1) * 2 ** -0.5
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -273,23 +332,55 @@ def info_nce_loss(long_v: torch.Tensor, short_v: torch.Tensor, tau: float = 0.1,
     return loss, _metrics(loss, cos_pos, cos_neg, acc)
 
 
+def future_loss(user_v: torch.Tensor, cand_v: torch.Tensor, pair_user: torch.Tensor, pair_cand: torch.Tensor,
+                tau: float, log_q: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax loss of users' future events over candidates, averaged per user, then over users.
+
+    user_v (B, D) and cand_v (C, D) unit vectors; (pair_user[p], pair_cand[p]) the P (user row, candidate)
+    pairs of the users' future events, every user owning at least one. log_q (C,): the log probability of
+    a candidate appearing among sampled negatives (in-batch items: their frequency), subtracted from the
+    logits so popular items are not pushed down for being sampled often (the logQ correction); None for a
+    full softmax. Returns the mean over users of their pairs' mean -log softmax.
+    """
+    logits = user_v @ cand_v.t() / tau                                      # (B, C)
+    if log_q is not None:
+        logits = logits - log_q
+    nll = -logits.log_softmax(-1)[pair_user, pair_cand]                     # (P,)
+    b = user_v.shape[0]
+    per_user = torch.zeros(b, dtype=nll.dtype, device=nll.device).index_add_(0, pair_user, nll)
+    n = torch.bincount(pair_user, minlength=b).clamp(min=1)
+    return (per_user / n).mean()
+
+
 def batch_loss(long_v: torch.Tensor, short_v: torch.Tensor, objective: str = 'bpr', tau: float = 1.0,
-               neg_shift: int = 1, rows: Optional[slice] = None):
+               neg_shift: int = 1, rows: Optional[slice] = None, future: Optional[list] = None):
     """The training loss of one batch of users from their vectors (no extra encoding for negatives).
 
     short_v: (B, D) the whole batch's short-term vectors; long_v: (R, D) the long-term vectors of the batch
     rows `rows` (default all; in distributed training a rank's contiguous share). 'bpr': user i's own
     short vector against user (i - neg_shift) mod B's, another user's when 0 < neg_shift < B. 'infonce':
-    against every other user's short vector in the batch. Returns (mean loss over the rows, metrics).
+    against every other user's short vector in the batch. 'allaction': 'infonce' plus, for each
+    (candidate vectors, pair_user, pair_cand, log_q) of `future` (pair_user indexes the rows' users),
+    `future_loss` of the long vectors over those candidates (PinnerFormer's all-action objective: the long
+    vector scores every future event). Returns (mean loss over the rows, metrics).
     """
     rows = rows if rows is not None else slice(0, short_v.shape[0])
     pos = short_v[rows]
     if objective == 'bpr':
         return bpr_loss(long_v, pos, short_v.roll(neg_shift, dims=0)[rows], tau)
-    if objective == 'infonce':  # cross-entropy does not depend on the order of the candidates
+    if objective in ('infonce', 'allaction'):  # cross-entropy does not depend on the order of the candidates
         others = torch.cat([short_v[:rows.start], short_v[rows.stop:]])
-        return info_nce_loss(long_v, pos, tau, others if len(others) else None)
-    raise ValueError(f"objective must be 'bpr' or 'infonce', got {objective!r}")
+        loss, metrics = info_nce_loss(long_v, pos, tau, others if len(others) else None)
+        if objective == 'allaction':
+            if not future:
+                raise ValueError("objective 'allaction' needs the future events' candidates")
+            for name, (cand_v, pair_user, pair_cand, log_q) in zip(('category', 'item'), future):
+                part = future_loss(long_v, cand_v, pair_user, pair_cand, tau, log_q)
+                metrics[f'loss_{name}'] = part.detach()
+                loss = loss + part
+            metrics['loss'] = loss.detach()
+        return loss, metrics
+    raise ValueError(f"objective must be 'bpr', 'infonce' or 'allaction', got {objective!r}")
 
 
 def _metrics(loss, cos_pos, cos_neg, acc) -> dict:
@@ -320,9 +411,20 @@ class LongTermInterestModel(nn.Module):
         if tower not in ('long', 'short'):
             raise ValueError(f"tower must be 'long' or 'short', got {tower!r}")
         mask = batch_mask(batch)
-        x, stats = self.moe_layer(self.feature_embedding(batch), mask, return_stats=True)
-        v = (self.long_term if tower == 'long' else self.short_term)(x, mask)
+        fe = self.feature_embedding
+        x, stats = self.moe_layer(fe(batch), mask, return_stats=True)
+        targets = fe.target(batch['item'], batch['category']) if self.cfg.skip_pool else None
+        known = batch['item'] > 1                                           # 1: the shared unknown item
+        v = (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known)
         return (v, stats) if return_stats else v
+
+    def candidate_vectors(self, batch: dict) -> torch.Tensor:
+        """(C, hidden_dim) vectors of one-event candidate sequences (C, 1) to rank against long vectors:
+        the target head of their (item, category) when the model has one, else the short tower of the
+        one-event sequence (the two-tower space of the 'bpr' / 'infonce' objectives)."""
+        if self.cfg.target_head:
+            return self.feature_embedding.target(batch['item'][:, 0], batch['category'][:, 0])
+        return self.encode(batch, tower='short')
 
     def forward(self, long_batch: dict, pos_batch: dict, neg_batch: Optional[dict] = None,
                 objective: str = 'bpr', tau: float = 1.0):
@@ -401,7 +503,7 @@ if __name__ == '__main__':
     long_b, short_b, neg_b = random_batch(4, 200), random_batch(4, 20), random_batch(4, 20)
     x = model.feature_embedding(long_b)
     y, stats = model.moe_layer(x, long_b['mask'], return_stats=True)
-    v = model.long_term(y, long_b['mask'])
+    v = model.long_term(y, long_b['mask'], model.feature_embedding.target(long_b['item'], long_b['category']))
     print(f"config: {cfg}")
     print(f"embedding {tuple(x.shape)} -> moe {tuple(y.shape)} -> long vector {tuple(v.shape)}, "
           f"norms {v.norm(dim=-1).tolist()}")

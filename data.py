@@ -762,9 +762,29 @@ class Sequences:
         their most recent max_len events. Returns int64 (B, L) features, float32 (B, L, 2) time and
         bool (B, L) mask, zero at padded positions.
         """
+        return self.range_batch(*self.part_bounds(user_index, part), min_len, max_len)
+
+    def cut_bounds(self, user_index, rng: np.random.Generator, lowest: float = 0.5
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A random cut of each user's history: (start, cut, end) flat positions, the history before the cut
+        [start, cut) and the events from it [cut, end), each at least one event.
+
+        The cut falls uniformly among the positions from `lowest` of the history (and at least one event in)
+        to the last event, so every epoch sees other histories and futures of the same users.
+        """
+        start, end = self.part_bounds(user_index, 'all')
+        n = end - start
+        if n.size and n.min() < 2:
+            raise ValueError('cut_bounds needs users with >= 2 events (Sequences.trainable)')
+        lo = np.maximum(np.ceil(lowest * n).astype(np.int64), 1)
+        lo = np.minimum(lo, n - 1)
+        cut = lo + np.floor(rng.random(len(n)) * (n - lo)).astype(np.int64)   # in [lo, n - 1]
+        return start, start + cut, end
+
+    def range_batch(self, start: np.ndarray, end: np.ndarray, min_len: int, max_len: int) -> dict[str, np.ndarray]:
+        """Padded batch of the flat ranges [start, end) (one per row), as `batch` makes for a part."""
         if not 1 <= min_len <= max_len:
             raise ValueError(f'need 1 <= min_len <= max_len, got {min_len}, {max_len}')
-        start, end = self.part_bounds(user_index, part)
         start = np.maximum(start, end - max_len)                      # keep the most recent events
         n = end - start                                               # (B,)
         L = int(np.clip(n.max() if n.size else 0, min_len, max_len))

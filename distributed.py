@@ -177,15 +177,17 @@ def sharded_user_vectors(model, seqs, users: np.ndarray | None, ctx: Context, de
 
 # ----------------------------------------------------------------------------------------------- model
 class PairEncoder(nn.Module):
-    """forward(long batch, short batch) -> (long-tower vectors, short-tower vectors): both towers in one
-    forward call, which is what DistributedDataParallel needs to synchronise the gradients."""
+    """forward(long batch, short batch[, candidates]) -> (long-tower vectors, short-tower vectors, [candidate
+    vectors]): everything with parameters in one forward call, which is what DistributedDataParallel needs
+    to synchronise the gradients. candidates: (item, category) index tensor pairs, one per candidate set."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, long_batch: dict, short_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode(long_batch, tower="long"), self.model.encode(short_batch, tower="short")
+    def forward(self, long_batch: dict, short_batch: dict, candidates: list | None = None):
+        cands = [self.model.feature_embedding.target(i, c) for i, c in candidates or ()]
+        return self.model.encode(long_batch, tower="long"), self.model.encode(short_batch, tower="short"), cands
 
 
 def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:

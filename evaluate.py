@@ -13,10 +13,16 @@ latter never trained on), each task within one group:
   known item up to `max_items`), no sampled negatives: Recall@K = hits in the top K / relevant candidates,
   NDCG@K with binary gains. Target-day items outside the vocabulary cannot be ranked by any method and are
   left out of the relevant set (counted as 'unrankable').
+- probe_category ('heldout' group, when a 'train' group is given too): the vector as a feature for someone
+  else's ranking model. A one-vs-rest logistic regression on standardised vectors predicts which of the
+  PROBE_CATEGORIES categories most 'train' users touch on the target day each user touches; fitted on the
+  'train' users, macro ROC-AUC and average precision on the 'heldout' users (users with target-day events).
 
 How the model scores a candidate: cosine between the user's long-tower vector of the whole history ('all'
-part, as exported) and the short tower's vector of a one-event sequence holding that candidate - the
-two-tower space the model is trained in (long vs short). A category candidate is (item = unknown, that
+part, as exported) and the candidate's vector (`LongTermInterestModel.candidate_vectors`): the target head of
+the candidate's (item, category) - what the 'allaction' objective trains the long vector to score - or, for
+models without one (the 'bpr' / 'infonce' recipes), the short tower's vector of a one-event sequence holding
+that candidate, the two-tower space those are trained in (long vs short). A category candidate is (item = unknown, that
 category); an item candidate is (that item, its most frequent category in the history). The other features
 are those of a plausible next event: a view, at the history's most common hour of day, on the target day's
 weekday, with the time features of that hour (past the training span, so clipped to [1, 0]).
@@ -66,6 +72,9 @@ CHUNK = 256                     # users per scoring chunk: bounds the (users, ca
 METHODS = ('model', 'random_init', 'mean_emb', 'user_freq', 'popular')
 TASKS = ('reid', 'reid_filtered', 'next_category', 'next_category_buy', 'next_item', 'next_item_buy')
 BUY = 4
+PROBE_CATEGORIES = 20           # linear probe: one-vs-rest over this many most frequent target-day categories
+PROBE_C = 1.0                   # ... its inverse L2 strength (on standardised features)
+PROBE_MAX_ITER = 200            # ... and lbfgs iterations per category (~0.1 s at 1,000 users x 128 dims)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +204,8 @@ def encode_batch(model, batch: dict, tower: str, device, batch_size: int) -> np.
         for lo in range(0, n, batch_size):
             part = inference.batch_to_tensors({k: v[lo:lo + batch_size] for k, v in batch.items()}, device)
             with inference.autocast(device):
-                out.append(model.encode(part, tower=tower).float().cpu().numpy())
+                v = model.candidate_vectors(part) if tower == 'candidate' else model.encode(part, tower=tower)
+                out.append(v.float().cpu().numpy())
     finally:
         model.train(was)
     return np.concatenate(out) if out else np.zeros((0, model.cfg.hidden_dim), np.float32)
@@ -350,6 +360,100 @@ def _user_freq_fn(seqs, users, cands, cutoff: int, max_len: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# downstream linear probe
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, heldout_x: np.ndarray, heldout_y: np.ndarray,
+                 c: float = PROBE_C, max_iter: int = PROBE_MAX_ITER) -> dict:
+    """One-vs-rest logistic regression from vectors to binary labels, fitted on one set and scored on another.
+
+    Features are standardised with the training set's mean and spread; lbfgs is deterministic, so the same
+    inputs give the same scores. Only label columns with both classes among the training rows (a fit needs
+    them) and among the held-out rows (ROC-AUC needs them) are scored.
+
+    Args:
+        train_x, heldout_x: (N, D) and (M, D) feature vectors.
+        train_y, heldout_y: (N, P) and (M, P) 0/1 labels, the same P columns.
+        c: inverse L2 regularisation strength.
+        max_iter: lbfgs iterations per column.
+    Returns:
+        {'auc': macro ROC-AUC, 'ap': macro average precision, 'users': M} over the scored columns.
+    Raises:
+        ValueError: no column has both classes in both sets.
+    """
+    # imported here: scikit-learn (scipy) adds ~1 s to every import of this module, and only the probe needs it
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    train_y, heldout_y = np.asarray(train_y, bool), np.asarray(heldout_y, bool)
+    cols = np.flatnonzero(_both_classes(train_y) & _both_classes(heldout_y))
+    if len(cols) == 0:
+        raise ValueError('linear_probe: no label column has both classes among the training and the held-out rows')
+    scaler = StandardScaler().fit(train_x)
+    xt, xh = scaler.transform(train_x), scaler.transform(heldout_x)
+    aucs, aps = [], []
+    for j in cols:
+        clf = LogisticRegression(C=c, solver='lbfgs', max_iter=max_iter).fit(xt, train_y[:, j])
+        score = clf.decision_function(xh)
+        aucs.append(roc_auc_score(heldout_y[:, j], score))
+        aps.append(average_precision_score(heldout_y[:, j], score))
+    return {'auc': float(np.mean(aucs)), 'ap': float(np.mean(aps)), 'users': int(len(heldout_y))}
+
+
+def _both_classes(y: np.ndarray) -> np.ndarray:
+    """(P,) whether each column of a (N, P) 0/1 matrix holds both a 0 and a 1."""
+    pos = y.sum(0)
+    return (pos > 0) & (pos < len(y))
+
+
+def probe_labels(user: np.ndarray, category: np.ndarray, n_users: int, train_rows: np.ndarray,
+                 n_labels: int = PROBE_CATEGORIES) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's label columns: the n_labels categories the most train_rows users touch, and who touches them.
+
+    Args:
+        user, category: per target-day event, the user's row in [0, n_users) and the category index.
+        train_rows: rows of the users whose counts choose the categories.
+    Returns:
+        (categories (P,) sorted, labels (n_users, P) bool). Ties in the count go to the lower category index;
+        the unknown category (shared by all rare ones) is never a label.
+    """
+    known = category > data.UNKNOWN
+    pairs = np.unique(np.stack([user[known], category[known]], 1), axis=0)   # distinct (user, category)
+    cats, n_touching = np.unique(pairs[np.isin(pairs[:, 0], train_rows), 1], return_counts=True)
+    top = np.sort(cats[np.argsort(-n_touching, kind='stable')[:n_labels]])
+    labels = np.zeros((n_users, len(top)), bool)
+    sel = np.isin(pairs[:, 1], top)
+    labels[pairs[sel, 0], np.searchsorted(top, pairs[sel, 1])] = True
+    return top, labels
+
+
+def probe_category(context: dict, model, seqs: data.Sequences, train: np.ndarray, heldout: np.ndarray,
+                   n_min: int, n_max: int) -> tuple[dict, dict]:
+    """{method: linear_probe metrics} predicting each user's target-day categories from their vector, and counts.
+
+    The probe is fitted on the `train` users with target-day events and scored on the `heldout` ones, over
+    probe_labels' categories. Features: the model's and random_init's long-tower vectors of the whole
+    history (context['user_vectors']) and mean_emb's concatenated mean item and category embeddings.
+    """
+    users, target = context['users'], context['target']
+    rows = {g: np.flatnonzero(np.isin(users, u)) for g, u in (('train', train), ('heldout', heldout))}
+    ours = np.isin(target['user'], users)
+    top, labels = probe_labels(np.searchsorted(users, target['user'][ours]), target['category'][ours], len(users),
+                               rows['train'])
+    scored = _both_classes(labels[rows['train']]) & _both_classes(labels[rows['heldout']])
+    counts = {'train_users': int(len(rows['train'])), 'users': int(len(rows['heldout'])),
+              'categories': int(len(top)), 'scored_categories': int(scored.sum())}
+    if not scored.any():
+        return {}, counts
+    features = dict(context['user_vectors'])
+    features['mean_emb'] = mean_pooled_users(model, seqs, users, 'all', n_min, n_max)
+    out = {name: linear_probe(x[rows['train']], labels[rows['train']], x[rows['heldout']], labels[rows['heldout']])
+           for name, x in features.items()}
+    return out, counts
+
+
+# ----------------------------------------------------------------------------------------------
 # the whole evaluation
 
 
@@ -405,7 +509,7 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
             batch = candidate_batch(np.full(n_known, data.UNKNOWN), index, cand_hour, time_feat)
         else:
             batch = candidate_batch(index, item_cat[index], cand_hour, time_feat)
-        vectors = {name: (None, _normalise(encode_batch(m, batch, 'short', device, batch_size)))
+        vectors = {name: (None, _normalise(encode_batch(m, batch, 'candidate', device, batch_size)))
                    for name, m in base_models.items()}
         vectors['mean_emb'] = (None, _normalise((cat_t if kind == 'category' else item_t)[index]))
         counts = np.bincount(getattr(seqs, kind), minlength=n_table)[index].astype(np.float64)
@@ -448,6 +552,9 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
                 res[task], cnt[task] = next_day(context, g, kind, buy, ks, seed)
         results[gname] = res
         counts[gname] = cnt
+    if 'train' in groups and 'heldout' in groups:                       # fitted on one, scored on the other
+        results['heldout']['probe_category'], counts['heldout']['probe_category'] = probe_category(
+            context, model, seqs, groups['train'], groups['heldout'], n_min, n_max)
     results['_info'] = {
         'target_day': data.hour_to_str(cutoff)[:10],
         'settings': {'n_min': n_min, 'n_max': n_max, 'k_min': k_min, 'k_max': k_max, 'ks': list(ks), 'seed': seed,

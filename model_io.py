@@ -81,8 +81,9 @@ def read_config(save_dir: str | os.PathLike) -> dict[str, Any]:
 
 def build_model(config: dict[str, Any]) -> LongTermInterestModel:
     """Rebuild the (untrained) modules from a config.json dict."""
-    # models saved before ModelConfig.feature_norm existed were built without it
-    return LongTermInterestModel(ModelConfig(**{"feature_norm": False, **config["model"]}), MoEConfig(**config["moe"]))
+    # models saved before ModelConfig.feature_norm / target_head / skip_pool existed were built without them
+    old = {"feature_norm": False, "target_head": False, "skip_pool": False}
+    return LongTermInterestModel(ModelConfig(**{**old, **config["model"]}), MoEConfig(**config["moe"]))
 
 
 def load_model(save_dir: str | os.PathLike = "saved_models", device: str | torch.device = "cpu"

@@ -66,15 +66,16 @@ VAL_FRACTION = 0.1  # share of trainable users held out to choose the best epoch
 EVALUATE = True  # hold out the log's last day (and TEST_FRACTION of users) and evaluate against baselines
 TEST_FRACTION = 0.1  # with EVALUATE: share of users never trained on, evaluated as 'heldout'
 # model
-ITEM_EMBEDDING_DIM = 128  # item table width (rows x this x 4 bytes, times 3 with Adam state)
+ITEM_EMBEDDING_DIM = 64  # item table width (rows x this x 4 bytes, times 3 with Adam state); seed 128
 CATEGORY_EMBEDDING_DIM = 64  # category table width
 WIDTH = 128  # model width after the feature projection (the MoE and tower width)
 HIDDEN_DIM = 128  # size of the exported user vector
-DEPTH = 4  # Transformer layers per tower
+DEPTH = 2  # Transformer layers per tower (seed 4: no better held out on the demo log, 1.6x slower)
 HEADS = 8  # attention heads per layer
 HEAD_DIM = 64  # width of each head
 DROPOUT = 0.1  # dropout in towers and experts
 POOLING = "cls"  # cls | mean: how a tower turns the sequence into one vector
+SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to the tower output (never worse than pooling)
 # MoE
 MOE_EXPERTS = 100  # routed experts
 MOE_SHARED = 1  # shared experts, applied to every token
@@ -83,10 +84,12 @@ MOE_HIDDEN = 512  # hidden width of each SwiGLU expert
 MOE_BALANCE = "seed"  # seed (penalise last epoch's heavy experts) | bias (DeepSeek-V3 aux-loss-free) | none
 # optimisation
 EPOCHS = 5  # passes over the training users
-BATCH_SIZE = 256  # triplets per step
+BATCH_SIZE = 64  # users per step (seed 256: ~5 steps an epoch on a demo-sized log, too few to learn)
 LR = 1e-3  # Adam learning rate (dense parameters) and SparseAdam (item table)
-LOSS = "bpr"  # bpr (seed: long vs own short vs another user's short) | infonce (in-batch negatives)
-TAU = 1.0  # temperature on cosine similarities; 1.0 reproduces the seed's BPR
+LR_SCHEDULE = "cosine"  # cosine (linear warm-up over the first 1/20 of the steps, then cosine decay to LR/10) | constant (seed)
+LOSS = "allaction"  # allaction (infonce + the long vector scores the future's items and categories) | infonce (in-batch negatives) | bpr (seed)
+TAU = 0.1  # temperature on cosine similarities; 1.0 with --loss bpr reproduces the seed
+RANDOM_CUTS = True  # a new random history/future cut of every user each epoch; off = the seed's fixed 90/10 split
 SEED = 1337  # seeds data split, initialisation, dropout and negatives
 DEVICE = "auto"  # auto | cpu | cuda | cuda:N (auto takes CUDA when present)
 # export and Redis
@@ -103,7 +106,8 @@ CHOICES = {
     "data_format": ("auto", "tianchi", "userbehavior"),
     "pooling": ("cls", "mean"),
     "moe_balance": ("seed", "bias", "none"),
-    "loss": ("bpr", "infonce"),
+    "loss": ("allaction", "infonce", "bpr"),
+    "lr_schedule": ("cosine", "constant"),
     "redis_format": ("json", "f32"),
     "redis_layout": ("plain", "versioned"),
 }
@@ -221,7 +225,8 @@ def build_model(cfg, vocab, sparse_item_grad: bool = True):
                        item_embedding_dim=cfg.item_embedding_dim, category_embedding_dim=cfg.category_embedding_dim,
                        width=cfg.width, depth=cfg.depth, heads=cfg.heads, head_dim=cfg.head_dim,
                        hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, max_positions=max(cfg.n_max, cfg.k_max),
-                       pooling=cfg.pooling, sparse_item_grad=sparse_item_grad)
+                       pooling=cfg.pooling, sparse_item_grad=sparse_item_grad,
+                       target_head=cfg.skip_pool or cfg.loss == "allaction", skip_pool=cfg.skip_pool)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
                     balance=cfg.moe_balance)
@@ -257,24 +262,85 @@ def epoch_batches(users: np.ndarray, lengths: np.ndarray, batch_size: int, rng: 
     return [batches[i] for i in rng.permutation(n_batches)]
 
 
+def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, floor: float = 0.1) -> float:
+    """Multiplier of LR at optimizer step `step` (0-based) of `total`: 'constant' is 1; 'cosine' rises
+    linearly over the first `warmup` share of the steps, then decays along a cosine to `floor`. A function
+    of the step alone, so a resumed run continues the same schedule."""
+    if schedule == "constant":
+        return 1.0
+    n_warm = max(1, round(warmup * total))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    progress = (step - n_warm) / max(1, total - n_warm)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
 
+def item_log_q(seqs, n_items: int) -> np.ndarray:
+    """(n_items,) log share of each item among the events: how likely it is to be an in-batch candidate."""
+    counts = np.bincount(seqs.item, minlength=n_items).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.ndarray | None):
+    """Candidates and positives of the 'allaction' objective from the whole batch's future events.
+
+    Categories: every known category (a full softmax). Items: the distinct known items of the batch's
+    futures (in-batch negatives, logQ-corrected). Returns [(item index, category index) candidate arrays]
+    and [(pair_user, pair_cand, log_q)] per set, pairs only for this rank's rows (local row numbers).
+    """
+    mask = short["mask"][rows]
+    user = np.nonzero(mask)[0]
+    cats = np.arange(2, n_categories)
+    cat_pos = short["category"][rows][mask] - 2
+    all_items = short["item"][short["mask"] & (short["item"] > data.UNKNOWN)]
+    items, item_cat = np.unique(all_items, return_index=True)
+    item_cat = short["category"][short["mask"] & (short["item"] > data.UNKNOWN)][item_cat]
+    mine = short["item"][rows][mask]
+    known = mine > data.UNKNOWN
+    item_pos = np.searchsorted(items, mine[known])
+    ok_cat = cat_pos >= 0
+    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, item_cat)]
+    pairs = [(user[ok_cat], cat_pos[ok_cat], None), (user[known], item_pos, log_q[items] if log_q is not None else None)]
+    return cands, pairs
+
+
 def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, device,
-                  ctx: distributed.Context = distributed.Context()) -> tuple[torch.Tensor, float]:
+                  ctx: distributed.Context = distributed.Context(), cut_rng: np.random.Generator | None = None,
+                  log_q: np.ndarray | None = None) -> tuple[torch.Tensor, float]:
     """Forward pass of one batch (distributed: this rank's contiguous share of it, with the whole batch's
-    short vectors gathered for the negatives). Returns (loss to backpropagate, the batch's mean loss);
-    the first is scaled so that DDP's average over ranks is the gradient of the whole batch's mean."""
+    short vectors gathered for the negatives). With cut_rng every user's history is cut at a random point
+    (Sequences.cut_bounds): the long tower reads the events before the cut, the short tower and the
+    'allaction' objective the next K_MAX events; without, the fixed 90/10 parts. Returns (loss to
+    backpropagate, the batch's mean loss); the first is scaled so that DDP's average over ranks is the
+    gradient of the whole batch's mean."""
     to_t = inference.batch_to_tensors
     n = len(batch_users)
     rows = distributed.shard_slice(n, ctx)
     mine = batch_users[rows]
+    if cut_rng is not None:  # drawn for the whole batch, so every rank draws the same cuts
+        start, cut, end = seqs.cut_bounds(batch_users, cut_rng)
+        long_b = seqs.range_batch(start[rows], cut[rows], cfg.n_min, cfg.n_max)
+        short_all_b = seqs.range_batch(cut, np.minimum(end, cut + cfg.k_max), cfg.k_min, cfg.k_max)
+    else:
+        long_b = seqs.batch(mine, "long", cfg.n_min, cfg.n_max)
+        short_all_b = seqs.batch(batch_users, "short", cfg.k_min, cfg.k_max)
+    short_b = {k: v[rows] for k, v in short_all_b.items()}
+    cands, pairs = (future_candidates(short_all_b, rows, getattr(net, "module", net).model.cfg.n_categories, log_q)
+                    if cfg.loss == "allaction" else (None, None))
     with inference.autocast(device):
-        long_v, short_v = net(to_t(seqs.batch(mine, "long", cfg.n_min, cfg.n_max), device),
-                              to_t(seqs.batch(mine, "short", cfg.k_min, cfg.k_max), device))
+        long_v, short_v, cand_v = net(to_t(long_b, device), to_t(short_b, device),
+                                      [tuple(torch.from_numpy(np.asarray(a, np.int64)).to(device) for a in c)
+                                       for c in cands] if cands else None)
     short_all = distributed.gather_rows(short_v.float(), distributed.split_sizes(n, ctx.world), ctx)
-    loss, _ = batch_loss(long_v.float(), short_all, cfg.loss, cfg.tau, neg_shift, rows)
+    future = None
+    if pairs:
+        future = [(v.float(), torch.from_numpy(u).to(device), torch.from_numpy(c).to(device),
+                   None if q is None else torch.from_numpy(q).to(device)) for v, (u, c, q) in zip(cand_v, pairs)]
+    loss, _ = batch_loss(long_v.float(), short_all, cfg.loss, cfg.tau, neg_shift, rows, future)
     loss_sum = loss * len(mine)
     value = distributed.all_reduce_sum(loss_sum.detach(), ctx).item() / n
     return loss_sum * (ctx.world / n), value
@@ -286,6 +352,8 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
     negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones, and so
     does every rank of a distributed run: each takes a contiguous share of every batch (see distributed)."""
     rng = np.random.default_rng([cfg.seed, 1, epoch])
+    cut_rng = np.random.default_rng([cfg.seed, 5, epoch]) if cfg.random_cuts else None
+    log_q = item_log_q(seqs, model.cfg.n_items) if cfg.loss == "allaction" else None
     net = net if net is not None else distributed.PairEncoder(model)  # DDP passes its wrapped one
     model.train()
     batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng, min_size=max(2, ctx.world))
@@ -294,7 +362,11 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
                dynamic_ncols=True)
     for step, batch_users in enumerate(bar):
         n = len(batch_users)
-        loss, value = batch_forward(net, seqs, batch_users, int(rng.integers(1, n)), cfg, device, ctx)
+        factor = lr_factor(epoch * len(batches) + step, cfg.epochs * len(batches), cfg.lr_schedule)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * factor
+        loss, value = batch_forward(net, seqs, batch_users, int(rng.integers(1, n)), cfg, device, ctx, cut_rng, log_q)
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
         for opt in opts:
@@ -332,8 +404,8 @@ def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distrib
 # Settings that define the model and data: a checkpoint only resumes when they are unchanged.
 RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
-               "heads", "head_dim", "dropout", "pooling", "moe_experts", "moe_shared", "moe_activated",
-               "moe_hidden", "moe_balance", "batch_size", "lr", "loss", "tau", "seed")
+               "heads", "head_dim", "dropout", "pooling", "skip_pool", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
+               "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 
 
 def checkpoint_state(model, opts, epoch, best, history, cfg) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun: one training step's gradients under DDP against the
 same step in one process. Rank 0 writes the largest differences as JSON to argv[1].
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_grad_check.py out.json bpr|infonce
+    torchrun --standalone --nproc_per_node=2 tests/ddp_grad_check.py out.json bpr|infonce|allaction
 """
 import copy
 import json

@@ -449,3 +449,23 @@ def test_top_category_matches_a_slow_count():
         cats = seqs.category[seqs.offsets[u]:seqs.offsets[u + 1]]
         values, counts = np.unique(cats, return_counts=True)
         assert got[row] == values[np.argmax(counts)]
+
+
+def test_random_cuts_stay_inside_each_history_and_vary(rand_seqs):
+    _, _, seqs, _ = rand_seqs
+    users = seqs.trainable
+    start, end = seqs.part_bounds(users, 'all')
+    cuts = []
+    for seed in range(20):
+        s, c, e = seqs.cut_bounds(users, np.random.default_rng(seed), lowest=0.5)
+        assert (s == start).all() and (e == end).all()
+        n = e - s
+        assert ((c - s >= np.maximum(np.ceil(0.5 * n), 1)) | (n == 2)).all()   # at least half the history before
+        assert ((c - s >= 1) & (e - c >= 1)).all()                            # a history and a future, always
+        cuts.append(c)
+    cuts = np.array(cuts)
+    long_users = (end - start) >= 10
+    assert (cuts[:, long_users].std(0) > 0).all()                             # other cuts in other epochs
+    b = seqs.range_batch(s, c, 1, 7)                                          # the history: most recent 7 kept
+    want = seqs.item[np.maximum(s, c - 7)[0]:c[0]]
+    assert (b['item'][0, :len(want)] == want).all() and b['mask'][0].sum() == len(want)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from DeepSeekMoE import MoE, MoEConfig
-from LongTermInterestModel import (FeatureEmbedding, InterestTower, LongTermInterestModel, ModelConfig, bpr_loss,
-                                   info_nce_loss, param_groups)
+from LongTermInterestModel import (FeatureEmbedding, InterestTower, LongTermInterestModel, ModelConfig, batch_loss,
+                                   bpr_loss, future_loss, info_nce_loss, param_groups)
 
 N_ITEMS, N_CATS = 60, 12
 
@@ -71,7 +71,9 @@ def test_default_config_shapes():
     assert x.shape == (2, 10, 128)
     y = model.moe_layer(x, long_b['mask'])
     assert y.shape == (2, 10, 128)
-    v = model.long_term(y, long_b['mask'])
+    t = model.feature_embedding.target(long_b['item'], long_b['category'])
+    assert t.shape == (2, 10, 128)
+    v = model.long_term(y, long_b['mask'], t)
     assert v.shape == (2, 128)
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(2))
     assert model.encode(short_b, 'short').shape == (2, 128)
@@ -95,10 +97,16 @@ def test_feature_embedding_zero_at_padding(tiny_model):
     assert torch.all(x[~b['mask']] == 0) and torch.all(x[b['mask']].abs().sum(-1) > 0)
 
 
-@pytest.mark.parametrize('pooling, feature_norm', [('cls', True), ('mean', True), ('cls', False)])
-def test_padding_does_not_change_a_users_vector(pooling, feature_norm):
+@pytest.mark.parametrize('pooling, feature_norm, skip_pool', [('cls', True, True), ('mean', True, True),
+                                                           ('cls', False, False), ('cls', True, False)])
+def test_padding_does_not_change_a_users_vector(pooling, feature_norm, skip_pool):
     torch.manual_seed(1)
-    model = LongTermInterestModel(tiny_cfg(pooling=pooling, feature_norm=feature_norm), tiny_moe_cfg()).eval()
+    model = LongTermInterestModel(tiny_cfg(pooling=pooling, feature_norm=feature_norm, skip_pool=skip_pool),
+                                  tiny_moe_cfg()).eval()
+    for tower in (model.long_term, model.short_term):   # a trained [CLS] path, not the zero head it starts with
+        torch.nn.init.normal_(tower.head.weight, std=0.1)
+        if skip_pool:
+            torch.nn.init.normal_(tower.pool_logit.weight)
     b = make_batch([6, 3, 1], 6)
     with torch.no_grad():
         v = model.encode(b)
@@ -115,7 +123,7 @@ def test_padding_does_not_change_a_users_vector(pooling, feature_norm):
 def test_recency_positions_matter():
     """Order carries information: the same events in another order give another vector."""
     torch.manual_seed(2)
-    tower = InterestTower(tiny_cfg()).eval()
+    tower = InterestTower(tiny_cfg(skip_pool=False)).eval()
     x = torch.randn(1, 5, 16)
     mask = torch.ones(1, 5, dtype=torch.bool)
     assert not torch.allclose(tower(x, mask), tower(x.flip(1), mask), atol=1e-4)
@@ -173,8 +181,8 @@ def test_info_nce_matches_cross_entropy_and_shares_metric_keys():
 
 
 def test_gradients_reach_every_parameter_group():
-    torch.manual_seed(5)
-    model = LongTermInterestModel(tiny_cfg(), tiny_moe_cfg(n_routed_experts=3)).train()
+    torch.manual_seed(5)   # the seed's recipe: no target head (the allaction test covers it)
+    model = LongTermInterestModel(tiny_cfg(target_head=False, skip_pool=False), tiny_moe_cfg(n_routed_experts=3)).train()
     long_b, pos_b, neg_b = make_batch([9, 7, 5, 8], 9), make_batch([3, 2, 1, 2], 3, 1), make_batch([2, 3, 3, 1], 3, 2)
     loss, metrics, stats = model(long_b, pos_b, neg_b)
     loss.backward()
@@ -256,3 +264,65 @@ def test_feature_groups_enter_at_the_same_scale():
             x = torch.nn.functional.normalize(emb(b).reshape(-1, emb.cfg.width), dim=-1)
         cos[norm] = float((x @ x.t()).mean())
     assert cos[False] > 0.8 and cos[True] < 0.6
+
+
+def test_future_loss_is_per_user_cross_entropy_with_logq():
+    torch.manual_seed(9)
+    u = F.normalize(torch.randn(3, 8), dim=-1)
+    c = F.normalize(torch.randn(5, 8), dim=-1)
+    pair_user, pair_cand = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([1, 1, 4, 0, 3])
+    loss = future_loss(u, c, pair_user, pair_cand, tau=0.5)
+    logp = (u @ c.t() / 0.5).log_softmax(-1)
+    want = torch.stack([-(2 * logp[0, 1] + logp[0, 4]) / 3, -logp[1, 0], -logp[2, 3]]).mean()   # users weigh alike
+    torch.testing.assert_close(loss, want)
+    log_q = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1]))
+    logp_q = (u @ c.t() / 0.5 - log_q).log_softmax(-1)
+    want_q = torch.stack([-(2 * logp_q[0, 1] + logp_q[0, 4]) / 3, -logp_q[1, 0], -logp_q[2, 3]]).mean()
+    torch.testing.assert_close(future_loss(u, c, pair_user, pair_cand, 0.5, log_q), want_q)
+
+
+def test_skip_pool_starts_as_the_pool_of_target_vectors():
+    """At init the [CLS] head is zero: the long vector is the mean of the events' target vectors - item
+    halves over the known items only, category halves over every event, each normalised (mean_emb's recipe) -
+    so the model starts where mean pooling is and the towers learn what it misses."""
+    torch.manual_seed(10)
+    model = LongTermInterestModel(tiny_cfg(dropout=0.0), tiny_moe_cfg(dropout=0.0)).eval()
+    b = make_batch([5, 3], 5)
+    b['item'][0, :2] = 1                                                      # two unknown items
+    with torch.no_grad():
+        t = model.feature_embedding.target(b['item'], b['category'])          # (B, L, D)
+        h = t.shape[-1] - t.shape[-1] // 2
+        torch.testing.assert_close(t.norm(dim=-1), b['mask'].float())        # unit events, zero padding
+
+        def mean(x, m):
+            return F.normalize((x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True), dim=-1)
+        known = (b['mask'] & (b['item'] > 1)).float()
+        want = torch.cat([mean(t[..., :h], known), mean(t[..., h:], b['mask'].float())], -1) * 2 ** -0.5
+        torch.testing.assert_close(model.encode(b), want, atol=1e-6, rtol=0)
+        cands = model.candidate_vectors({k: v[:, :1] for k, v in b.items()})
+        torch.testing.assert_close(cands, t[:, 0])
+
+
+def test_allaction_loss_gradients_reach_the_target_head_and_towers():
+    torch.manual_seed(11)
+    model = LongTermInterestModel(tiny_cfg(), tiny_moe_cfg()).train()
+    long_b, short_b = make_batch([9, 7, 5, 8], 9), make_batch([3, 2, 1, 2], 3, 1)
+    with torch.no_grad():
+        model.long_term.head.weight.normal_(std=0.1)   # as after the first step (it starts at zero)
+        model.short_term.head.weight.normal_(std=0.1)
+    fe = model.feature_embedding
+    cats = torch.arange(2, N_CATS)
+    cand_v = fe.target(torch.ones_like(cats), cats)
+    mask = short_b['mask']
+    pair_user = mask.nonzero()[:, 0]
+    pair_cand = short_b['category'][mask] - 2
+    keep = pair_cand >= 0
+    loss, metrics = batch_loss(model.encode(long_b), model.encode(short_b, 'short'), 'allaction', 0.1,
+                               future=[(cand_v, pair_user[keep], pair_cand[keep], None)])
+    loss.backward()
+    assert torch.isfinite(loss) and {'loss_category', 'loss'} <= set(metrics)
+    for name in ('feature_embedding.target_item.weight', 'feature_embedding.target_category.weight',
+                 'long_term.pool_logit.weight', 'long_term.head.weight',
+                 'long_term.blocks.0.qkv.weight', 'moe_layer.w_in', 'short_term.head.weight'):
+        p = dict(model.named_parameters())[name]
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
