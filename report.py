@@ -3,7 +3,8 @@
     report.write_report('saved_models', history=history, metrics=metrics, user_vectors=vecs, top_category=cats)
 
 - report_loss.png     train / validation loss per epoch (and validation re-identification MRR)
-- report_experts.png  expert load per epoch (heat map, epochs x experts) and the max-violation per epoch
+- report_experts.png  expert load per epoch (heat map, epochs x experts), the max-violation per epoch and,
+                      when recorded, per training step
 - report_users.png    2-D PCA of the user vectors, coloured by each user's top category (top 10, others grey)
 - metrics.json        the evaluation metrics and the per-epoch history, everything in one file
 
@@ -67,10 +68,17 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
 
 def plot_experts(history: list[dict], path: Path) -> None:
-    """Heat map of each expert's load (share / mean share) per epoch, and max-violation per epoch."""
+    """Heat map of each expert's load (share / mean share) per epoch, max-violation per epoch, and
+    max-violation per training step when the history has it (moe.step_max_violation; older runs do not)."""
     loads = [h.get('moe', {}).get('load') or [] for h in history]
     width = max((len(x) for x in loads), default=0)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), gridspec_kw={'height_ratios': [3, 1]})
+    steps = [h.get('moe', {}).get('step_max_violation') or [] for h in history]
+    panels = 3 if any(steps) else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2 + 1.5 * panels),
+                             gridspec_kw={'height_ratios': [3, 1, 1][:panels]})
+    ax, ax2 = axes[:2]
+    if panels == 3:
+        _plot_step_violation(axes[2], steps)
     if width == 0:
         _no_data(ax, 'no expert load recorded')
         _no_data(ax2, '')
@@ -96,6 +104,19 @@ def plot_experts(history: list[dict], path: Path) -> None:
         ax.set_title(f'expert load per epoch; last max-violation {viol[-1]:.2f}, '
                      f"dead {history[-1].get('moe', {}).get('dead', 0)}")
     _save_figure(fig, path)
+
+
+def _plot_step_violation(ax, steps: list[list[float]]) -> None:
+    """Max-violation of every training step, epochs one after another (dotted lines between them).
+    Symmetric-log y axis: the first steps (tens) and a balanced router (hundredths) both stay readable."""
+    ys = np.concatenate([np.asarray(s, float) for s in steps])
+    ax.plot(np.arange(1, len(ys) + 1), ys, '.-', color='tab:purple', lw=0.8, ms=3)
+    for end in np.cumsum([len(s) for s in steps])[:-1]:
+        ax.axvline(end + 0.5, color='grey', ls=':', lw=0.8)
+    ax.set_yscale('symlog', linthresh=0.1)
+    ax.set_ylim(bottom=0)                                           # max-violation >= 0
+    ax.set_xlabel('training step')
+    ax.set_ylabel('max-violation\nper step')
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -81,7 +81,7 @@ MOE_EXPERTS = 100  # routed experts
 MOE_SHARED = 1  # shared experts, applied to every token
 MOE_ACTIVATED = 2  # experts chosen per token (top-k)
 MOE_HIDDEN = 512  # hidden width of each SwiGLU expert
-MOE_BALANCE = "seed"  # seed (penalise last epoch's heavy experts) | bias (DeepSeek-V3 aux-loss-free) | none
+MOE_BALANCE = "running"  # running (usage penalty updated every step) | seed (penalise last epoch's heavy experts) | bias (DeepSeek-V3 aux-loss-free) | none
 # optimisation
 EPOCHS = 5  # passes over the training users
 BATCH_SIZE = 64  # users per step (seed 256: ~5 steps an epoch on a demo-sized log, too few to learn)
@@ -105,7 +105,7 @@ PROGRESS = True  # progress bars
 CHOICES = {
     "data_format": ("auto", "tianchi", "userbehavior"),
     "pooling": ("cls", "mean"),
-    "moe_balance": ("seed", "bias", "none"),
+    "moe_balance": ("running", "seed", "bias", "none"),
     "loss": ("allaction", "infonce", "bpr"),
     "lr_schedule": ("cosine", "constant"),
     "redis_format": ("json", "f32"),
@@ -288,23 +288,21 @@ def item_log_q(seqs, n_items: int) -> np.ndarray:
 def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.ndarray | None):
     """Candidates and positives of the 'allaction' objective from the whole batch's future events.
 
-    Categories: every known category (a full softmax). Items: the distinct known items of the batch's
-    futures (in-batch negatives, logQ-corrected). Returns [(item index, category index) candidate arrays]
-    and [(pair_user, pair_cand, log_q)] per set, pairs only for this rank's rows (local row numbers).
+    Categories: every known category (a full softmax); a category candidate is (unknown item, category), as
+    in evaluate.py. Items: the distinct known items of the batch's futures with their category there
+    (in-batch negatives, logQ-corrected). Returns [(item index, category index) candidate arrays] and
+    [(pair_user, pair_cand, log_q)] per set; pairs only for this rank's rows, numbered from 0.
     """
-    mask = short["mask"][rows]
-    user = np.nonzero(mask)[0]
+    known = short["mask"] & (short["item"] > data.UNKNOWN)                  # (B, K) over the whole batch
+    items, first = np.unique(short["item"][known], return_index=True)
     cats = np.arange(2, n_categories)
-    cat_pos = short["category"][rows][mask] - 2
-    all_items = short["item"][short["mask"] & (short["item"] > data.UNKNOWN)]
-    items, item_cat = np.unique(all_items, return_index=True)
-    item_cat = short["category"][short["mask"] & (short["item"] > data.UNKNOWN)][item_cat]
-    mine = short["item"][rows][mask]
-    known = mine > data.UNKNOWN
-    item_pos = np.searchsorted(items, mine[known])
-    ok_cat = cat_pos >= 0
-    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, item_cat)]
-    pairs = [(user[ok_cat], cat_pos[ok_cat], None), (user[known], item_pos, log_q[items] if log_q is not None else None)]
+    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, short["category"][known][first])]
+    mask, known = short["mask"][rows], known[rows]
+    cat_user, cat_pos = np.nonzero(mask)[0], short["category"][rows][mask] - 2   # every known category >= 2
+    ok = cat_pos >= 0
+    item_user, item_pos = np.nonzero(known)[0], np.searchsorted(items, short["item"][rows][known])
+    pairs = [(cat_user[ok], cat_pos[ok], None),
+             (item_user, item_pos, None if log_q is None else log_q[items])]
     return cands, pairs
 
 

@@ -211,8 +211,9 @@ def test_probe_runs_on_heldout_only_with_counts(split):
 def trained(demo_log, tmp_path_factory):
     """train.py with evaluation on: last day and 30% of users held out; writes the report too."""
     save_dir = tmp_path_factory.mktemp("evsaved")
-    # batch 16: ~13 steps an epoch on 210 training users (at 64 a handful of steps barely moves the model)
-    code = train.main(["--data_path", str(demo_log), "--save_dir", str(save_dir), "--no_redis", *TINY, "--epochs", "4",
+    # batch 16: ~13 steps an epoch on 210 training users (at 64 a handful of steps barely moves the model);
+    # hidden 32: with 8 numbers the item half of a vector (4) cannot tell items apart
+    code = train.main(["--data_path", str(demo_log), "--save_dir", str(save_dir), "--no_redis", *TINY, "--epochs", "8",
                        "--hidden_dim", "32",
                        "--batch_size", "16", "--lr", "0.003", "--test_fraction", "0.3", "--seed", "1"])
     assert code == 0
@@ -223,7 +224,7 @@ def test_trained_model_beats_random_weights_held_out(trained):
     """Random weights are a strong re-identification baseline here: the default model pools its events' target
     vectors, and random item vectors match a user's own items as well as trained ones on a log this small.
     What training adds on held-out users is ranking the categories a user has not touched yet: next-day
-    category Recall@50 (0.83-0.85 trained vs 0.71 random in two runs of this setting)."""
+    category Recall@50 (0.85 trained vs 0.76 random here; reid MRR 0.34 vs 0.37)."""
     model, vocab, config = model_io.load_model(trained)
     events, _ = data.read_events(config["train"]["data_path"], progress=False)
     history, target = data.split_at_hour(events, data.last_days_cutoff(events, 1))

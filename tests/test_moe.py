@@ -4,7 +4,11 @@ import io
 import pytest
 import torch
 
+import report
 from DeepSeekMoE import MoE, MoEConfig, MoEStats
+
+# The state_dict keys of moe_layer.pth files saved before the 'running' mode existed.
+OLD_STATE_KEYS = {'gate.weight', 'w_in', 'w_out', 'penalty', 'penalty_step', 'penalty_sign', 'bias'}
 
 
 def tiny(**kw) -> MoEConfig:
@@ -128,14 +132,15 @@ def run_epochs(moe, batches, epochs):
     return history
 
 
-@pytest.mark.parametrize('balance,kw', [('seed', {}), ('bias', {'bias_update_speed': 1e-2})])
+@pytest.mark.parametrize('balance,kw', [('running', {}), ('seed', {}), ('bias', {'bias_update_speed': 1e-2})])
 def test_balancing_moves_skewed_router_toward_uniform(balance, kw):
     moe, batches = skewed_moe(balance, **kw)
     history = run_epochs(moe, batches, 8)
     violation = [h['max_violation'] for h in history]
-    assert violation[0] > 2.0                                  # deliberately skewed
-    assert max(violation[1:]) < violation[0]                   # never worse than the skew ...
-    assert max(violation[-3:]) < 0.25 * violation[0]           # ... and pulled toward uniform
+    skew = history[0]['step_max_violation'][0]                 # the first step routes before any update
+    assert skew > 1.9                                          # deliberately skewed
+    assert max(violation[1:]) < violation[0]                   # never worse than the first epoch ...
+    assert max(violation[-3:]) < 0.25 * skew                   # ... and pulled toward uniform
     assert history[-1]['dead'] == 0
     # balancing changes the selection only: mixing weights are the chosen experts' unbiased scores
     xn = torch.nn.functional.layer_norm(batches[0].view(-1, 16), (16,))
@@ -175,7 +180,7 @@ def test_balance_stats_on_known_counts():
     assert MoE.balance_stats([5, 5, 5, 5])['entropy'] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize('balance', ['seed', 'bias'])
+@pytest.mark.parametrize('balance', ['running', 'seed', 'bias'])
 def test_eval_deterministic_and_state_dict_round_trip(balance):
     moe, batches = skewed_moe(balance, bias_update_speed=1e-2)
     moe.cfg.dropout = 0.1
@@ -186,7 +191,7 @@ def test_eval_deterministic_and_state_dict_round_trip(balance):
     y2, s2 = moe(x, mask, return_stats=True)
     assert torch.equal(y1, y2) and torch.equal(s1.counts, s2.counts)
     state = moe.state_dict()
-    assert {'penalty', 'bias'} <= set(state) and 'epoch_counts' not in state
+    assert set(state) == OLD_STATE_KEYS | {'usage'}            # transient counters are not saved
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -195,6 +200,8 @@ def test_eval_deterministic_and_state_dict_round_trip(balance):
     fresh.eval()
     y3, s3 = fresh(x, mask, return_stats=True)
     assert torch.equal(y1, y3) and torch.equal(s1.counts, s3.counts)
+    for key in ('penalty', 'usage', 'bias'):
+        assert torch.equal(fresh.state_dict()[key], state[key]), key
 
 
 def test_bad_config_is_rejected():
@@ -223,3 +230,106 @@ def test_bias_moves_once_per_after_step():
     seed_moe(batches[0])
     seed_moe.after_step()
     assert torch.equal(seed_moe.bias, torch.zeros(8)) and torch.equal(seed_moe.penalty, torch.ones(8))
+
+
+def dead_experts_moe(balance):
+    """Expert 0 ranks first for every token and experts 6, 7 score ~1e-2 (others >= 0.3): never chosen."""
+    torch.manual_seed(7)
+    moe = MoE(tiny(n_routed_experts=8, balance=balance))
+    u = torch.nn.functional.layer_norm(torch.randn(16), (16,))   # a direction every token shares
+    with torch.no_grad():
+        moe.gate.weight[0] += u / 16
+        moe.gate.weight[6:] -= 8 * u / 16
+    batches = [torch.randn(8, 64, 16) + 2 * u for _ in range(6)]
+    return moe, batches
+
+
+def test_running_balances_within_steps_and_revives_dead_experts():
+    moe, batches = dead_experts_moe('running')
+    history = run_epochs(moe, batches, 5)                      # 30 steps
+    assert history[0]['dead'] == 2 and history[0]['step_max_violation'][0] > 2.5    # expert 0 takes every token
+    assert history[1]['dead'] == 0 and history[2]['max_violation'] < 0.15          # within 12 / 18 steps
+    assert history[-1]['dead'] == 0 and history[-1]['max_violation'] < 0.05
+    assert max(history[-1]['step_max_violation']) < 0.3      # every single step, not just the epoch's sum
+    assert moe.penalty[6:].max() < 0.1 < 2 < moe.penalty[0]     # far beyond the seed's [0.5, 4] clamps
+    seed, _ = dead_experts_moe('seed')                         # the epoch rule leaves them dead
+    assert run_epochs(seed, batches, 5)[-1]['dead'] == 2
+
+
+def test_running_updates_every_step_and_keeps_mixing_weights():
+    moe, batches = dead_experts_moe('running')
+    moe.train()
+    xn = torch.nn.functional.layer_norm(batches[0].view(-1, 16), (16,))
+    w0, i0 = moe.route(xn)
+    with torch.no_grad():
+        moe(batches[0])
+    assert torch.equal(moe.penalty, torch.ones(8))             # forward alone never moves it
+    moe.after_step()
+    assert moe.penalty[0] > 1 > moe.penalty[6]                 # busy up, dead down, after one step
+    assert moe.penalty.log().mean().abs() < 1e-5               # re-centred: only ratios matter
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe.after_step()                                           # a step without tokens changes nothing
+    for key, value in moe.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for x in batches * 3:
+        with torch.no_grad():
+            moe(x)
+        moe.after_step()
+    w1, i1 = moe.route(xn)
+    assert not torch.equal(i0, i1)                             # the penalty changed the selection ...
+    scores = torch.sigmoid(moe.gate(xn)).gather(1, i1)
+    torch.testing.assert_close(w1, scores / scores.sum(-1, keepdim=True))   # ... not the mixing weights
+    stats = moe.end_epoch()
+    assert len(stats['step_max_violation']) == 2 + 3 * len(batches)
+    assert stats['step_max_violation'][1] == 0.0               # the empty step
+    assert moe.end_epoch()['step_max_violation'] == []         # reset at every epoch end
+
+
+def test_step_max_violation_is_the_steps_global_counts():
+    moe, batches = skewed_moe('none')
+    moe.train()
+    expected = []
+    for x in batches[:3]:
+        _, stats = moe(x, return_stats=True)
+        expected.append(MoE.balance_stats(stats.counts)['max_violation'])
+        moe.after_step()
+    assert moe.end_epoch()['step_max_violation'] == pytest.approx(expected, rel=1e-5)
+
+
+def test_seed_updates_only_at_end_epoch_with_the_epoch_rule():
+    moe, batches = skewed_moe('seed')
+    moe.train()
+    counts = torch.zeros(8, dtype=torch.long)
+    for x in batches:
+        with torch.no_grad():
+            _, stats = moe(x, return_stats=True)
+        counts += stats.counts
+        moe.after_step()
+        assert torch.equal(moe.penalty, torch.ones(8))         # after_step leaves the seed penalty alone
+    moe.end_epoch()
+    load = counts.float() / counts.float().mean()
+    torch.testing.assert_close(moe.penalty, load.clamp(0.5, 4.0).sqrt().clamp(0.5, 4.0))   # first epoch's rule
+
+
+@pytest.mark.parametrize('balance', ['running', 'seed'])
+def test_old_state_dict_without_usage_window_loads(balance):
+    assert MoEConfig().balance == 'running'
+    state = {k: v.clone() for k, v in MoE(tiny(n_routed_experts=8)).state_dict().items() if k in OLD_STATE_KEYS}
+    state['penalty'] = torch.linspace(0.5, 4.0, 8)
+    moe = MoE(tiny(n_routed_experts=8, balance=balance))
+    with torch.no_grad():
+        moe.usage.fill_(3.0)                                   # whatever was there is replaced by the empty window
+    moe.load_state_dict(state)                                 # strict
+    assert torch.equal(moe.penalty, state['penalty']) and torch.equal(moe.usage, torch.zeros(8))
+    assert set(state) == OLD_STATE_KEYS                        # the caller's dict is left as it was
+
+
+def test_expert_report_plots_step_violations_when_present(tmp_path):
+    base = {'load': [1.5, 0.5, 1.0, 1.0], 'max_violation': 0.5, 'cv': 0.3, 'dead': 0}
+    old = [{'epoch': i + 1, 'moe': dict(base)} for i in range(2)]
+    new = [{'epoch': i + 1, 'moe': {**base, 'step_max_violation': [3.0, 0.4, 0.0]}} for i in range(2)]
+    for name, history in (('old', old), ('new', new)):
+        path = tmp_path / f'{name}.png'
+        report.plot_experts(history, path)
+        assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (tmp_path / 'new.png').stat().st_size > (tmp_path / 'old.png').stat().st_size   # the third panel
