@@ -252,7 +252,7 @@ def test_training_run_writes_valid_report(trained):
     for name in ("report_loss.png", "report_experts.png", "report_users.png"):
         assert (trained / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     blob = json.loads((trained / "metrics.json").read_text())
-    assert "heldout" in blob["metrics"] and len(blob["history"]) == 4
+    assert "heldout" in blob["metrics"] and len(blob["history"]) == 8
 
 
 def test_write_report_directly_handles_nan_and_empty_inputs(tmp_path):
