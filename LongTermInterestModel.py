@@ -59,8 +59,8 @@ class ModelConfig:
             (`FeatureEmbedding.target`): what the 'allaction' objective scores the user's future events with,
             what next-day candidates are scored with, and what `skip_pool` pools.
         skip_pool: each tower adds a recency-weighted pool of its events' target vectors to the [CLS]
-            output, so the user vector starts as (and can never be worse than) a learned pooling of the
-            history; the [CLS] path's head starts at zero and learns what pooling misses.
+            output, so the user vector starts as a learned pooling of the history (the mean_emb baseline's
+            recipe); the [CLS] path's head starts at zero and learns what pooling misses.
         feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
             time) before the projection, so each enters at the same scale whatever its table's init or
             size; without it the time features (norm ~2, mostly the Linear's bias, alike for every

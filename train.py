@@ -75,7 +75,7 @@ HEADS = 8  # attention heads per layer
 HEAD_DIM = 64  # width of each head
 DROPOUT = 0.1  # dropout in towers and experts
 POOLING = "cls"  # cls | mean: how a tower turns the sequence into one vector
-SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to the tower output (never worse than pooling)
+SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to the tower output (the vector starts as pooling)
 # MoE
 MOE_EXPERTS = 100  # routed experts
 MOE_SHARED = 1  # shared experts, applied to every token
