@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     cfg = p.parse_args(argv)
+    for key, value in vars(cfg).items():  # float('nan') and 'inf' parse, and NaN slips through every comparison
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{key} must be a finite number, got {value}")
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
             p.error(f"--{key} must be > 0, got {getattr(cfg, key)}")
@@ -276,7 +279,18 @@ def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, floor:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Training diverged (NaN/inf loss, validation loss or weights); `best`/`history` are attached by train()."""
+
+
+def non_finite_reason(model, rec: dict[str, Any]) -> str:
+    """Why an epoch's result cannot be kept ('' when it can): a non-finite validation figure or weight."""
+    for key in ("val_loss", "val_mrr"):
+        if key in rec and not math.isfinite(rec[key]):
+            return f"validation {key[4:]} became {rec[key]}"
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        return f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})"
+    return ""
 
 
 def item_log_q(seqs, n_items: int) -> np.ndarray:
@@ -471,6 +485,11 @@ def train(cfg, model, seqs, train_users, val_users, device,
             raise
         rec["moe"] = model.moe_layer.end_epoch()
         rec.update(validate(model, seqs, val_users, cfg, device, ctx))
+        reason = non_finite_reason(model, rec)
+        if reason:  # never chosen as best, never checkpointed: the run stops on the last good epoch
+            e = NonFiniteLoss(f"{reason} at epoch {epoch + 1}")
+            e.best, e.history = best, history
+            raise e
         score = rec.get("val_mrr", -rec["train_loss"])  # no validation users: fall back on the training loss
         if score > best["score"]:
             best = {"epoch": epoch + 1, "score": score,
@@ -537,6 +556,11 @@ def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = di
     seconds = time.perf_counter() - t0
     if not ctx.is_main:
         return 0
+    bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+    if bad:  # checked before the disk, so a NaN file never replaces good vectors
+        raise SystemExit(f"error: {bad} of {len(vectors)} user vectors hold NaN or inf; nothing was written to "
+                         f"{cfg.save_dir}/{model_io.VECTORS_FILE} or Redis. The model's weights are not usable: "
+                         "retrain with a lower --lr (or a larger --tau).")
     path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
     print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
           f"-> {path}")
@@ -620,14 +644,16 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     try:
         best, history_log = train(cfg, model, seqs, train_users, val_users, device, ctx)
     except NonFiniteLoss as e:
+        cause = (f"The training diverged: the learning rate is likely too high (try a lower --lr than {cfg.lr:g}"
+                 + (f", or a larger --tau than {cfg.tau:g}" if cfg.tau < 0.05 else "") + ").")
         if e.best["state"] is None:
-            raise SystemExit(f"error: {e}; no epoch finished, so no weights were written. "
-                             "Try a lower --lr.") from None
+            raise SystemExit(f"error: {e}; no epoch finished with finite results, so no weights were written and "
+                             f"nothing was exported. {cause}") from None
         model.load_state_dict(e.best["state"])
         if ctx.is_main:
             model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), {"history": e.history})
         raise SystemExit(f"error: {e}; saved the last good weights (epoch {e.best['epoch']}) to "
-                         f"{cfg.save_dir}/ and stopped before export. Try a lower --lr.") from None
+                         f"{cfg.save_dir}/ and stopped before export. {cause}") from None
     model.load_state_dict(best["state"])
     version = ""
     if ctx.is_main:

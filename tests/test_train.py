@@ -196,6 +196,62 @@ def test_non_finite_loss_keeps_last_good_weights(demo_log, tmp_path, monkeypatch
         assert torch.equal(value, ckpt["best"]["state"][f"long_term.{key}"])
 
 
+def test_non_finite_validation_loss_is_never_best_and_exports_nothing(demo_log, tmp_path, monkeypatch):
+    real = train.validate
+
+    def nan_validation(*args, **kw):
+        return {**real(*args, **kw), "val_loss": float("nan")}
+
+    monkeypatch.setattr(train, "validate", nan_validation)
+    with pytest.raises(SystemExit, match="validation loss became nan at epoch 1.*no weights were written.*"
+                                         "learning rate is likely too high"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY])
+    assert not (tmp_path / "long_term.pth").exists() and not (tmp_path / model_io.VECTORS_FILE).exists()
+
+
+def test_non_finite_weights_stop_on_the_last_good_epoch(demo_log, tmp_path, monkeypatch):
+    real = train.train_epoch
+
+    def poisoned(model, opts, seqs, users, cfg, device, epoch, *rest):
+        out = real(model, opts, seqs, users, cfg, device, epoch, *rest)
+        if epoch == 1:  # a finite loss, but a weight blew up in the last step
+            with torch.no_grad():
+                model.long_term.parameters().__next__().fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(train, "train_epoch", poisoned)
+    with pytest.raises(SystemExit, match="weight tensor.*NaN or inf.*at epoch 2.*last good weights \\(epoch 1\\)"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", "--no-evaluate",
+                    "--val_fraction", "0", *TINY, "--epochs", "3"])  # no validation: the weights alone tell
+    model, _, config = model_io.load_model(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(config["history"]) == 1 and not (tmp_path / model_io.VECTORS_FILE).exists()
+
+
+def test_non_finite_vectors_are_not_written_to_disk(demo_log, tmp_path, monkeypatch):
+    real = train.distributed.sharded_user_vectors
+
+    def nan_export(model, seqs, users, *args, **kw):
+        out = real(model, seqs, users, *args, **kw)
+        if users is None:  # the export, not the validation
+            out[::7] = np.nan
+        return out
+
+    monkeypatch.setattr(train.distributed, "sharded_user_vectors", nan_export)
+    with pytest.raises(SystemExit, match="user vectors hold NaN or inf; nothing was written"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", "--no-evaluate", *TINY])
+    assert not (tmp_path / model_io.VECTORS_FILE).exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--tau", "--dropout", "--val_fraction", "--test_fraction"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numeric_flags_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args([f"{flag}={value}"])
+    assert exc.value.code == 2
+    assert f"{flag} must be a finite number" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--no_such_flag"], "unrecognized arguments"),
     (["--epochs", "0"], "--epochs must be > 0"),
