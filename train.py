@@ -504,6 +504,11 @@ def train(cfg, model, seqs, train_users, val_users, device,
 # -----------------------------------------------------------------------------
 # export
 
+def public_config(cfg) -> dict[str, Any]:
+    """The flags as printed and saved: the Redis password masked (pass --redis_url again to re-publish)."""
+    return {**vars(cfg), "redis_url": redis_store.safe_url(cfg.redis_url)}
+
+
 def redis_flags(cfg, url: str) -> str:
     """The Redis flags of this run, for the re-publish hint (password masked)."""
     flags = f" --redis_url {redis_store.safe_url(url)}"
@@ -617,7 +622,7 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     distributed.quiet_unless_main(ctx)
     if not ctx.is_main:
         cfg.progress = False
-    print("config: " + json.dumps(vars(cfg), sort_keys=True))
+    print("config: " + json.dumps(public_config(cfg), sort_keys=True))
     if ctx.distributed:
         print(f"distributed: {ctx.world} processes ({ctx.backend}), a share of every batch each")
     if cfg.export_only or cfg.republish:
@@ -651,7 +656,7 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
                              f"nothing was exported. {cause}") from None
         model.load_state_dict(e.best["state"])
         if ctx.is_main:
-            model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), {"history": e.history})
+            model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), {"history": e.history})
         raise SystemExit(f"error: {e}; saved the last good weights (epoch {e.best['epoch']}) to "
                          f"{cfg.save_dir}/ and stopped before export. {cause}") from None
     model.load_state_dict(best["state"])
@@ -660,7 +665,7 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
         extra = {"best_epoch": best["epoch"], "history": history_log, "world_size": ctx.world}
         if cfg.evaluate:
             extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
-        version = model_io.save_model(cfg.save_dir, model, vocab, vars(cfg), extra)
+        version = model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), extra)
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
               f"peak memory so far {peak_gb:.1f} GB")

@@ -148,6 +148,20 @@ def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_p
     assert version == model_io.read_config(save_dir)["model_version"]
 
 
+def test_redis_password_is_in_no_output_and_no_saved_file(demo_log, tmp_path, capsys):
+    url = "redis://:s3cretpw@127.0.0.1:1/0"
+    assert train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--redis_url", url,
+                       "--no_redis", *TINY]) == 0
+    out = capsys.readouterr()
+    assert "s3cretpw" not in out.out + out.err
+    assert "redis://:***@127.0.0.1:1/0" in out.out  # still says which server was meant
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"config.json", model_io.CHECKPOINT_FILE, model_io.VECTORS_FILE} <= {p.name for p in files}
+    for path in files:
+        assert b"s3cretpw" not in path.read_bytes(), path
+    assert model_io.read_config(tmp_path)["train"]["redis_url"] == "redis://:***@127.0.0.1:1/0"
+
+
 def test_torn_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "long_term.pth"
     model_io.atomic_torch_save({"w": torch.ones(3)}, path)
