@@ -215,6 +215,54 @@ def test_line_numbers_account_for_skipped_lines(tmp_path):
     assert data._line_of_row(4, 0, np.array([4, 5])) == 7
 
 
+def test_crlf_line_endings_read_like_lf_in_both_formats(tmp_path):
+    tianchi = write(tmp_path / 'lf.csv', TIANCHI_BAD)
+    crlf = tmp_path / 'crlf.csv'
+    crlf.write_bytes(TIANCHI_BAD.replace('\n', '\r\n').encode())
+    ub_rows = '1,2,3,pv,1511544070\n1,2,3,click,1511544070\n1,2,3,pv,1511544070,9\n1,3,3,cart,1511547670\n'
+    ub_lf = write(tmp_path / 'ub.csv', ub_rows)
+    ub_crlf = tmp_path / 'ub_crlf.csv'
+    ub_crlf.write_bytes(ub_rows.replace('\n', '\r\n').encode())
+    for lf, cr in ((tianchi, crlf), (ub_lf, ub_crlf)):
+        (ev1, rep1), (ev2, rep2) = (data.read_events(p, progress=False) for p in (lf, cr))
+        assert (rep2.rows_read, rep2.rows_kept, rep2.skipped) == (rep1.rows_read, rep1.rows_kept, rep1.skipped)
+        assert ev2.equals(ev1)
+    valid = tmp_path / 'valid.csv'                      # --strict accepts a valid CRLF file, .gz too
+    valid.write_bytes((HEADER + '1,10,1,,5,2014-12-06 02\n2,11,4,x,6,2014-12-07 23\n').replace('\n', '\r\n').encode())
+    with gzip.open(str(valid) + '.gz', 'wb') as f:
+        f.write(valid.read_bytes())
+    for p in (valid, str(valid) + '.gz'):
+        ev, rep = data.read_events(p, strict=True, progress=False)
+        assert rep.rows_read == rep.rows_kept == 2 and ev['item_id'].tolist() == [10, 11]
+
+
+def test_tianchi_extra_fields_are_counted_on_their_own_line(tmp_path):
+    rows = ['1,10,1,,5,2014-12-06 02',              # 2 ok
+            '1,11,1,,5,2014-12-06 03,extra',        # 3 too many fields
+            '2,12,1,,5,2014-12-06 04',              # 4 ok: not disturbed by line 3
+            '2,13,7,,5,2014-12-06 05',              # 5 bad behavior
+            '3,14,1,,5,2014-12-06 05,x,y']          # 6 too many fields
+    p = write(tmp_path / 'extra.csv', HEADER + '\n'.join(rows) + '\n')
+    ev, rep = data.read_events(p, progress=False)
+    assert rep.rows_read == 5 and rep.skipped == {'too many fields': 2, 'bad behavior': 1}
+    assert ev['item_id'].tolist() == [10, 12] and ev['hour'].tolist() == [hour_of('2014-12-06T02'),
+                                                                         hour_of('2014-12-06T04')]
+    with pytest.raises(DataError, match=r'extra\.csv: line 3: too many fields'):
+        data.read_events(p, strict=True, progress=False)
+    p2 = write(tmp_path / 'later.csv', HEADER + '\n'.join([rows[0], rows[2], rows[3], rows[1]]) + '\n')
+    with pytest.raises(DataError, match=r'line 4: bad behavior \(behavior_type=7\)'):
+        data.read_events(p2, strict=True, progress=False)
+    # extra fields on the first data lines: pandas would take the first column for an index and shift every row
+    p3 = write(tmp_path / 'first.csv', HEADER + '\n'.join([rows[1], rows[4], rows[0], rows[2]]) + '\n')
+    ev, rep = data.read_events(p3, progress=False)
+    assert rep.rows_read == 4 and rep.skipped == {'too many fields': 2}
+    assert ev.values.tolist() == [[1, 10, 5, 1, hour_of('2014-12-06T02')], [2, 12, 5, 1, hour_of('2014-12-06T04')]]
+    with pytest.raises(DataError, match=r'first\.csv: line 2: too many fields'):
+        data.read_events(p3, strict=True, progress=False)
+    upper = write(tmp_path / 'upper.csv', HEADER.upper() + rows[0] + '\n')   # header matched as detection does
+    assert data.read_events(upper, progress=False)[0]['item_id'].tolist() == [10]
+
+
 # ---------------------------------------------------------------- duplicates
 
 
