@@ -27,6 +27,8 @@ import re
 import sys
 import time
 import warnings
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,11 +154,45 @@ def _open_binary(path: str):
     return raw, raw
 
 
+# what a damaged .gz raises while it is read: cut short, bad deflate data, bad header or CRC
+_GZ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _damaged(path: str, e: BaseException) -> DataError:
+    """The DataError for a .gz that cannot be decompressed: names the file and says it is damaged, not the format."""
+    what = ('it is truncated (ends before the end of its compressed data)' if isinstance(e, EOFError)
+            else f'its compressed data is corrupted ({e})')
+    return DataError(f'{path}: damaged compressed input: {what}. Copy or download the file again; '
+                     f'`gzip -t {path}` checks a .gz file')
+
+
+@contextmanager
+def _named_gz_errors(path: str):
+    """Turn decompression errors anywhere inside into a DataError naming the file (they name nothing)."""
+    try:
+        yield
+    except _GZ_ERRORS as e:
+        if not path.endswith('.gz'):
+            raise
+        raise _damaged(path, e) from None
+
+
+def _check_gz(path: str) -> None:
+    """Decompress a .gz to its end (CRC included), raising what a damaged one raises; other files: nothing."""
+    if not path.endswith('.gz'):
+        return
+    with gzip.open(path, 'rb') as f:
+        while f.read(1 << 24):
+            pass
+
+
 def _first_line(path: str) -> str:
     handle, raw = _open_binary(path)
     try:
         data = handle.read(1 << 16)
-    except (OSError, EOFError) as e:
+    except _GZ_ERRORS as e:
+        raise _damaged(path, e) if path.endswith('.gz') else DataError(f'{path}: cannot read ({e})') from None
+    except OSError as e:
         raise DataError(f'{path}: cannot read ({e})') from None
     finally:
         handle.close()
@@ -373,6 +409,7 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                 except (ValueError, TypeError, OverflowError) as e:
                     if typed:
                         raise _TypedParseFailed() from e
+                    _check_gz(path)  # damage decompresses to junk before the CRC check catches it: blame the damage
                     raise DataError(f'{path}: cannot parse as {_EXPECTED[fmt]} ({e})') from None
                 if fmt == 'tianchi':  # header names as _detect_format matched them: case, quotes, BOM do not matter
                     chunk.columns = [str(c).lstrip('\ufeff').strip().strip('"').lower() for c in chunk.columns]
@@ -389,6 +426,7 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                         detail = '' if c < 0 else f' ({names[c]}={_show(chunk[names[c]].iloc[r])})'
                         cands.append((_line_of_row(n_rows + r, header_lines, sl), REASONS[code[r] - 1], detail))
                     ln, reason, detail = min(cands)
+                    _check_gz(path)
                     raise DataError(f'{path}: line {ln}: {reason}{detail}; expected {_EXPECTED[fmt]} '
                                     '(drop --strict to skip and count such rows)')
                 counts += np.bincount(code, minlength=len(REASONS) + 1)
@@ -492,21 +530,22 @@ def read_events(data_path: str, data_format: str = 'auto', strict: bool = False,
         report: LoadReport (rows read/kept, skipped rows by reason, duplicates).
 
     Raises:
-        DataError: missing file, empty file, missing or renamed columns, unrecognised format, no valid rows,
-            or (strict) a malformed row.
+        DataError: missing file, empty file, damaged (truncated or corrupted) .gz, missing or renamed columns,
+            unrecognised format, no valid rows, or (strict) a malformed row.
     """
     t0 = time.perf_counter()
     path = resolve_log_path(data_path)
     fmt, has_header = _detect_format(path, data_format)
     slow = False
-    try:
-        arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress)
-    except _TypedParseFailed:
-        # some numeric field holds non-numeric text: re-read as strings and validate every value
-        slow = True
-        arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress)
-    except EOFError as e:
-        raise DataError(f'{path}: compressed file is cut short ({e})') from None
+    with _named_gz_errors(path):
+        try:
+            arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress)
+        except _TypedParseFailed as e:
+            if isinstance(e.__cause__, _GZ_ERRORS):
+                raise e.__cause__ from None
+            # some numeric field holds non-numeric text: re-read as strings and validate every value
+            slow = True
+            arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress)
     if rows_read == 0:
         raise DataError(f'{path}: no data rows (expected {_EXPECTED[fmt]})')
     events = pd.DataFrame(arrays, columns=EVENT_COLUMNS)

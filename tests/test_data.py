@@ -136,6 +136,23 @@ def test_file_level_errors_name_the_file_and_expectation(tmp_path):
         data.read_events(all_bad, progress=False)
 
 
+@pytest.mark.parametrize('damage', ['cut in half', 'garbage after the header', 'byte flipped'])
+@pytest.mark.parametrize('strict', [False, True])
+def test_damaged_gz_is_named_as_damaged_input(tmp_path, damage, strict):
+    gz = bytearray(gzip.compress(open(TIANCHI_SAMPLE, 'rb').read()))
+    if damage == 'cut in half':
+        gz = gz[:len(gz) // 2]
+    elif damage == 'garbage after the header':
+        gz = gz[:10] + bytes(range(256)) * 40
+    else:                                               # decompresses to junk rows before the CRC check fails
+        gz[len(gz) // 2] ^= 0xFF
+    path = tmp_path / (data.TIANCHI_FILE + '.gz')
+    path.write_bytes(bytes(gz))
+    with pytest.raises(DataError, match=r'tianchi_mobile_recommend_train_user\.csv\.gz: damaged compressed input: '
+                                        r'(it is truncated|its compressed data is corrupted)'):
+        data.read_events(str(tmp_path), strict=strict, progress=False)
+
+
 def test_columns_may_be_reordered(tmp_path):
     p = write(tmp_path / 'r.csv', 'time,item_category,user_geohash,behavior_type,item_id,user_id\n'
                                    '2014-12-06 02,5,,3,2,1\n')
