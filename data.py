@@ -132,18 +132,35 @@ def resolve_log_path(data_path: str) -> str:
         return data_path
     if not os.path.isdir(data_path):
         raise DataError(f'{data_path}: no such file or folder (expected a behaviour log CSV or a folder holding one)')
-    for name in (TIANCHI_FILE, TIANCHI_FILE + '.gz'):
-        if os.path.isfile(os.path.join(data_path, name)):
-            return os.path.join(data_path, name)
     found = sorted(f for f in os.listdir(data_path)
                    if f.endswith(('.csv', '.csv.gz')) and not f.startswith('.')
                    and os.path.isfile(os.path.join(data_path, f)))
+    for name in (TIANCHI_FILE, TIANCHI_FILE + '.gz'):
+        if os.path.isfile(os.path.join(data_path, name)):
+            _refuse_second_format(os.path.join(data_path, name), [os.path.join(data_path, f) for f in found])
+            return os.path.join(data_path, name)
     if len(found) == 1:
         return os.path.join(data_path, found[0])
     if not found:
         raise DataError(f'{data_path}: folder holds no {TIANCHI_FILE}(.gz) and no other *.csv / *.csv.gz file')
     raise DataError(f'{data_path}: folder holds several CSV files ({", ".join(found)}) and no {TIANCHI_FILE}; '
                     'pass the file itself')
+
+
+def _refuse_second_format(tianchi: str, others: list[str]) -> None:
+    """A folder's Tianchi log wins over other CSVs, but not silently over a UserBehavior log: which one is meant?"""
+    for other in others:
+        if other == tianchi:
+            continue
+        try:
+            fmt, _ = _detect_format(other, 'auto')
+        except DataError:                  # not a log at all (notes, an export): the Tianchi log is meant
+            continue
+        if fmt != 'userbehavior':
+            continue
+        raise DataError(f'{os.path.dirname(tianchi)}: folder holds both a Tianchi log ({os.path.basename(tianchi)}) '
+                        f'and a UserBehavior log ({os.path.basename(other)}); pass the one to train on as '
+                        '--data_path (the file itself), or move the other away')
 
 
 def _open_binary(path: str):

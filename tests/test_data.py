@@ -118,6 +118,18 @@ def test_folder_resolution(tmp_path):
         data.read_events(str(tmp_path / 'missing.csv'), progress=False)
 
 
+def test_folder_with_a_tianchi_and_a_userbehavior_log_is_an_error_naming_both(tmp_path):
+    d = tmp_path / 'train_user'
+    d.mkdir()
+    shutil.copy(TIANCHI_SAMPLE, d / data.TIANCHI_FILE)
+    write(d / 'notes.csv', 'not,a,log\n')                  # not a log: the Tianchi log is still meant
+    assert data.resolve_log_path(str(d)) == str(d / data.TIANCHI_FILE)
+    shutil.copy(UB_SAMPLE, d / 'UserBehavior.csv')
+    with pytest.raises(DataError, match=rf'train_user: folder holds both a Tianchi log \({data.TIANCHI_FILE}\) '
+                                        r'and a UserBehavior log \(UserBehavior\.csv\)'):
+        data.read_events(str(d), progress=False)
+
+
 def test_file_level_errors_name_the_file_and_expectation(tmp_path):
     empty = write(tmp_path / 'empty.csv', '')
     with pytest.raises(DataError, match=r'empty\.csv: file is empty'):
