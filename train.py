@@ -613,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx, device = distributed.init(cfg.device)
     try:
         return run(cfg, ctx, device)
+    except data.DataError as e:  # bad input, explained in one line: a traceback would only bury it (bugs keep theirs)
+        raise SystemExit(f"error: {e}") from None
     finally:
         distributed.close(ctx)
 

@@ -1,5 +1,6 @@
 """train.py end to end: CLI, training, saving, resume, export to a real Redis, notebook helper, README snippet."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -283,8 +284,31 @@ def test_bad_flags_are_clear_errors(argv, message, capsys):
 
 def test_missing_data_path_names_it(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(Exception, match=re.escape(str(missing))):
+    with pytest.raises(SystemExit, match="^error: " + re.escape(str(missing))):
         train.main(["--data_path", str(missing), "--save_dir", str(tmp_path), "--no_redis", *TINY])
+
+
+def test_bad_input_is_one_error_line_without_traceback(tmp_path):
+    log = tmp_path / "log.csv.gz"
+    log.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8)   # a damaged .gz
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data_path", str(log), "--save_dir",
+                          str(tmp_path / "saved"), "--no_redis", *TINY], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"error: {log}: damaged compressed input")
+    flag = subprocess.run([sys.executable, str(ROOT / "train.py"), "--lr", "nan"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert flag.returncode == 2 and "Traceback" not in flag.stderr and "--lr must be a finite number" in flag.stderr
+
+
+def test_bugs_keep_their_traceback(demo_log, tmp_path, monkeypatch):
+    def bug(*args, **kw):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(train.data, "read_events", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY])
 
 
 def test_readme_documents_every_flag():
