@@ -10,6 +10,10 @@ Daily refresh with the saved model and vocabulary (no training), or re-publish t
     python train.py --republish --redis_url redis://host:6379/0
 On several GPUs or machines (DistributedDataParallel; see distributed.py):
     torchrun --nproc_per_node=8 train.py --batch_size 2048
+The seed project's recipe (BPR on cosine, one negative, fixed 90/10 split, per-epoch expert penalty, its shapes):
+    python train.py --loss bpr --tau 1 --no-skip_pool --no-random_cuts --lr_schedule constant --moe_balance seed \
+        --batch_size 256 --depth 4 --item_embedding_dim 128
+Held-out quality of the defaults on the demo log and the real sample, 3 seeds (README's table): python quality.py
 Every constant below is also a flag: --epochs 10, --moe_balance bias, --no-evaluate, ...
 """
 from __future__ import annotations
