@@ -302,14 +302,10 @@ def top_indicator(counts, top: int, priority: np.ndarray) -> np.ndarray:
 def capacity_ranks(scores: np.ndarray, rel_user: np.ndarray, rel_cand: np.ndarray,
                    priority: np.ndarray) -> np.ndarray:
     """1-based ranks of relevant pairs (rel_user[p], rel_cand[p]) in rows of scores (U, C): higher score first,
-    exact ties (after rounding to CAPACITY_ROUND decimals) by priority (lower first)."""
+    exact ties (after rounding to CAPACITY_ROUND decimals) by priority (lower first), as evaluate.py ranks."""
     import evaluate
     s = np.round(scores, CAPACITY_ROUND)
-    ranks = np.zeros(len(rel_user), np.int64)
-    for a in range(0, len(rel_user), 1024):                                  # bound the (pairs, C) comparison
-        p = slice(a, a + 1024)
-        ranks[p] = evaluate.ranks_of_targets(s, rel_user[p], rel_cand[p], priority)
-    return ranks
+    return evaluate._rank_all(lambda rows: s[rows], len(s), rel_user, rel_cand, priority)
 
 
 def _capacity_methods(dims, top_dims, counts_all, rows, n_cand, priority, seed: int, kind: str):
