@@ -64,6 +64,11 @@ MIN_ITEM_COUNT = 3
 TIME_TRIM = 0.0005
 # hours outside this range are rejected as 'time out of range' (a truncated unix timestamp lands in 1970)
 VALID_TIME = (np.datetime64('2000-01-01', 'h').astype(np.int64), np.datetime64('2100-01-01', 'h').astype(np.int64))
+# Within that range, events further than this many days from the log's median hour are implausible (a typo'd
+# year, a device clock decades off): they would move the evaluation's target day and squash the time
+# features, so they are skipped and counted as 'time implausible'. The real logs span 9 (UserBehavior) and
+# 31 (Tianchi) days; 0 turns the window off.
+TIME_WINDOW_DAYS = 365
 CHUNK_ROWS = 1 << 21                # rows per parser chunk: bounds memory and drives the progress bar
 
 TIANCHI_FILE = 'tianchi_mobile_recommend_train_user.csv'
@@ -76,7 +81,7 @@ EVENT_COLUMNS = ['user_id', 'item_id', 'category_id', 'behavior', 'hour']
 FORMATS = ('auto', 'tianchi', 'userbehavior')
 # reasons a row is skipped, in priority order (a row is counted once, under its first reason)
 REASONS = ('empty line', 'too many fields', 'truncated line', 'missing field', 'non-integer id',
-           'bad behavior', 'unparsable time', 'time out of range')
+           'bad behavior', 'unparsable time', 'time out of range', 'time implausible')
 FEATURES = ('item', 'category', 'weekday', 'hour', 'weekend', 'behavior')
 PARTS = ('long', 'short', 'all')
 _EXPECTED = {
@@ -527,8 +532,28 @@ def duplicate_mask(events: pd.DataFrame) -> np.ndarray:
     return dup
 
 
+def _drop_implausible_times(arrays: dict, skipped: dict, window_days: int, path: str, fmt: str,
+                            strict: bool, header_lines: int) -> dict:
+    """Skip (count, or under strict refuse) events further than window_days from the median hour."""
+    hour = arrays['hour']
+    if not window_days or len(hour) == 0:
+        return arrays
+    median = int(np.median(hour))
+    far = np.abs(hour - median) > window_days * 24
+    n_far = int(far.sum())
+    if not n_far:
+        return arrays
+    if strict:  # strict got here only if every data row was kept, so row i is line header_lines + i + 1
+        row = int(np.flatnonzero(far)[0])
+        raise DataError(f'{path}: line {header_lines + row + 1}: time implausible ({hour_to_str(hour[row])}, more '
+                        f'than {window_days} days from the log\'s median time {hour_to_str(median)}); expected '
+                        f'{_EXPECTED[fmt]} (widen --time_window_days, or drop --strict to skip and count such rows)')
+    skipped['time implausible'] = skipped.get('time implausible', 0) + n_far
+    return {c: a[~far] for c, a in arrays.items()}
+
+
 def read_events(data_path: str, data_format: str = 'auto', strict: bool = False, dedupe: bool = False,
-                progress: bool = True) -> tuple[pd.DataFrame, LoadReport]:
+                progress: bool = True, time_window_days: int = TIME_WINDOW_DAYS) -> tuple[pd.DataFrame, LoadReport]:
     """Read and validate a behaviour log.
 
     Args:
@@ -540,6 +565,8 @@ def read_events(data_path: str, data_format: str = 'auto', strict: bool = False,
         dedupe: drop rows that exactly repeat an earlier row (they are counted either way). Duplicates are
             judged on the kept fields (ids, behaviour, hour); the geohash does not count.
         progress: show a progress bar (stderr) while reading.
+        time_window_days: skip (count as 'time implausible'; under strict, refuse) events further than this
+            many days from the log's median time; 0 = no window.
 
     Returns:
         events: DataFrame in file order with user_id, item_id, category_id (int64, raw ids), behavior
@@ -565,6 +592,7 @@ def read_events(data_path: str, data_format: str = 'auto', strict: bool = False,
             arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress)
     if rows_read == 0:
         raise DataError(f'{path}: no data rows (expected {_EXPECTED[fmt]})')
+    arrays = _drop_implausible_times(arrays, skipped, time_window_days, path, fmt, strict, int(has_header))
     events = pd.DataFrame(arrays, columns=EVENT_COLUMNS)
     if len(events) == 0:
         raise DataError(f'{path}: no valid rows among {rows_read:,} (skipped: {skipped}); expected {_EXPECTED[fmt]}')

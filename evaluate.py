@@ -616,8 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     import runtime
     runtime.tune_malloc()
     device = runtime.pick_device(args.device)
-    model, vocab, config = model_io.load_model(args.save_dir, device)
-    events, report = data.read_events(args.data_path, data_format=args.data_format, progress=args.progress)
+    try:  # bad input is one line, as in train.py; bugs keep their traceback
+        model, vocab, config = model_io.load_model(args.save_dir, device)
+        window = config.get('train', {}).get('time_window_days', data.TIME_WINDOW_DAYS)
+        events, report = data.read_events(args.data_path, data_format=args.data_format, progress=args.progress,
+                                          time_window_days=window)
+    except (data.DataError, model_io.ModelSetError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
     print(report.summary())
     history, target, _, _ = data.split_last_day(events)
     if len(history) == 0:

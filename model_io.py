@@ -1,7 +1,10 @@
 """Saving and loading everything under saved_models/: weights, config, vocabulary, checkpoints, vectors.
 
 Every file is written atomically (a temporary file in the same folder, fsync, then os.replace), so a crash
-mid-save leaves the previous file intact, never a torn one.
+mid-save leaves the previous file intact, never a torn one. A model is a *set* of files: config.json is written
+last and lists the SHA-256 of each weight file and of vocab.npz, and `load_model` refuses a folder whose files
+do not match it (a run killed between two files, or two runs writing one folder), saying how to repair it.
+A training run holds an advisory lock on its folder (`lock_save_dir`), so a second run on it fails at once.
 
 In a notebook::
 
@@ -11,9 +14,12 @@ In a notebook::
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +38,11 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
 VECTORS_FILE = "user_vectors.npz"
+LOCK_FILE = ".lock"
+
+
+class ModelSetError(RuntimeError):
+    """A save folder whose files do not form one model (or cannot be written, or is in use)."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -52,7 +63,8 @@ def save_model(save_dir: str | os.PathLike, model: LongTermInterestModel, vocab:
                train_config: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     """Write the four state_dicts, config.json and vocab.npz; return the model version string.
 
-    config.json is written last, so a reader that finds it also finds the weights it describes.
+    config.json is written last and holds each file's SHA-256 ("files"), so a reader that finds it also finds
+    the weights it describes, and can tell when it does not (a save interrupted between two files).
     """
     save_dir = Path(save_dir)
     states = {name: {k: v.detach().cpu() for k, v in getattr(model, name).state_dict().items()}
@@ -61,8 +73,10 @@ def save_model(save_dir: str | os.PathLike, model: LongTermInterestModel, vocab:
     for name, state in states.items():
         atomic_torch_save(state, save_dir / f"{name}.pth")
     vocab.save(save_dir / VOCAB_FILE)
+    files = [f"{name}.pth" for name in MODULE_NAMES] + [VOCAB_FILE]
     config = {
         "model_version": version,
+        "files": {f: file_sha256(save_dir / f) for f in files},
         "model": asdict(model.cfg),
         "moe": asdict(model.moe_cfg),
         "train": train_config,
@@ -70,6 +84,29 @@ def save_model(save_dir: str | os.PathLike, model: LongTermInterestModel, vocab:
     }
     atomic_json_save(config, save_dir / CONFIG_FILE, sort_keys=True)
     return version
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_model_set(save_dir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Raise ModelSetError unless every file config.json lists is there with the hash it records.
+    (Folders saved before config.json listed its files are taken as they are.)"""
+    save_dir = Path(save_dir)
+    bad = [f for f, digest in config.get("files", {}).items()
+           if not (save_dir / f).exists() or file_sha256(save_dir / f) != digest]
+    if bad:
+        raise ModelSetError(
+            f"{save_dir}/ is not one consistent model: {', '.join(bad)} "
+            f"{'does' if len(bad) == 1 else 'do'} not match {CONFIG_FILE} (model {config.get('model_version')}), so "
+            "the folder mixes files from two saves (a run stopped while saving, or two runs writing one --save_dir). "
+            f"Nothing was loaded. To repair it, re-run the training command that wrote it with --resume (its "
+            f"{CHECKPOINT_FILE} holds the finished run and saves the set again), or train again.")
 
 
 def read_config(save_dir: str | os.PathLike) -> dict[str, Any]:
@@ -88,9 +125,11 @@ def build_model(config: dict[str, Any]) -> LongTermInterestModel:
 
 def load_model(save_dir: str | os.PathLike = "saved_models", device: str | torch.device = "cpu"
                ) -> tuple[LongTermInterestModel, Vocab, dict[str, Any]]:
-    """Rebuild the model from saved_models/ and load the four .pth files; returns (model in eval mode, vocab, config)."""
+    """Rebuild the model from saved_models/ and load the four .pth files; returns (model in eval mode, vocab, config).
+    Raises ModelSetError when the files are not the set config.json describes."""
     save_dir = Path(save_dir)
     config = read_config(save_dir)
+    check_model_set(save_dir, config)
     model = build_model(config)
     for name in MODULE_NAMES:
         state = torch.load(save_dir / f"{name}.pth", map_location="cpu", weights_only=True)
@@ -115,3 +154,36 @@ def load_vectors(save_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, s
         raise FileNotFoundError(f"{path} not found: run python train.py (or --export_only) first")
     with np.load(path) as z:
         return z["user_ids"], z["vectors"], str(z["model_version"])
+
+
+def lock_save_dir(save_dir: str | os.PathLike):
+    """Create save_dir, check that files can be written in it, and take an exclusive advisory lock on it for
+    as long as the returned file stays open (the process's lifetime): a second run on the same folder gets a
+    ModelSetError at once instead of both writing it. Raises ModelSetError when the folder cannot be created
+    or written, or is locked."""
+    save_dir = Path(save_dir)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=save_dir, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+        handle = open(save_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise ModelSetError(f"--save_dir {save_dir}: cannot write there ({e.strerror or e}); nothing was "
+                            "read or trained. Pass a writable folder.") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ModelSetError(f"--save_dir {save_dir} is in use by {owner} (lock {save_dir / LOCK_FILE}); two runs "
+                            "writing one folder would mix their models. Wait for it to finish, or pass another "
+                            "--save_dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle

@@ -23,6 +23,9 @@ Which layout:
 - 'plain' keeps the seed's reader (`json.loads(r.get(user_id))`). A republish overwrites keys one
   by one, so while it runs a reader may see some users on the old model and some on the new one;
   users absent from the new set keep their old vector (give `ttl` to let them age out).
+  `__meta__` is written after the last key is acknowledged, so during a publish, and after an
+  interrupted one, it still describes the previous completed publish while some keys already hold
+  new vectors: there it is stale, and re-running the publish completes the keys and updates it.
 - 'versioned' writes the new vectors under new keys and switches `__current__` in one step at the
   end; the previous set's keys get an expiry (`grace_s`, 1 h by default) so a reader that read
   the pointer just before the switch still finds them. A reader that resolves the pointer once per
@@ -220,7 +223,8 @@ def _server_major(client) -> int:
 
 
 def connect(url: str, *, timeout: float = 3.0, socket_timeout: float = 60.0,
-            vectors_path: str | None = None, republish_hint: str | None = None) -> redis.Redis | RedisCluster:
+            vectors_path: str | None = None, republish_hint: str | None = None,
+            retry_hint: bool = True) -> redis.Redis | RedisCluster:
     """Open a client for `url` and check it answers within `timeout` seconds.
 
     Args:
@@ -231,6 +235,7 @@ def connect(url: str, *, timeout: float = 3.0, socket_timeout: float = 60.0,
         timeout: connect and PING timeout in seconds.
         socket_timeout: read/write timeout of the returned client (large batches need some).
         vectors_path, republish_hint: put into the error message so a user knows what to do.
+        retry_hint: end the error message with how to re-publish (off for a check before any work).
 
     Returns:
         `redis.Redis`, or `redis.cluster.RedisCluster` for a cluster URL.
@@ -241,7 +246,7 @@ def connect(url: str, *, timeout: float = 3.0, socket_timeout: float = 60.0,
     """
     scheme = url.split('://', 1)[0].lower() if '://' in url else ''
     safe = safe_url(url)
-    ctx = {'vectors_path': vectors_path, 'republish_hint': republish_hint}
+    ctx = {'vectors_path': vectors_path, 'republish_hint': republish_hint, 'retry_hint': retry_hint}
     if scheme in ('redis+cluster', 'rediss+cluster'):
         return _connect_cluster(url, timeout, socket_timeout, ctx)
     if scheme not in ('redis', 'rediss', 'unix'):
@@ -273,6 +278,20 @@ def connect(url: str, *, timeout: float = 3.0, socket_timeout: float = 60.0,
         raise _failure(f'Redis at {safe} is a Redis Cluster node (cluster_enabled:1); connect with '
                        f'{_cluster_url(safe)} so each key goes to the node that owns its slot', **ctx)
     return client
+
+
+def preflight(url: str, *, timeout: float = 3.0) -> None:
+    """Check, before any long work, that publishing to `url` can succeed: the URL parses, the server (or
+    every cluster node) answers and accepts the URL's credentials. An empty URL means the local default
+    port, where the bundled server is started when nothing answers: only a server there that wants a
+    password is an error. Raises RedisExportError saying what is wrong."""
+    if not url:
+        if _ping_state('127.0.0.1', DEFAULT_PORT) == 'auth':
+            raise _failure(f'the Redis on 127.0.0.1:{DEFAULT_PORT} (used when --redis_url is empty) needs a '
+                           f'password; pass it in the URL: redis://:PASSWORD@127.0.0.1:{DEFAULT_PORT}/0',
+                           retry_hint=False)
+        return
+    connect(url, timeout=timeout, socket_timeout=timeout, retry_hint=False).close()
 
 
 def _cluster_enabled(client: redis.Redis) -> bool:

@@ -61,7 +61,8 @@ DEMO_USERS = 1500  # users in the demo log generated when the default DATA_PATH 
 # data
 STRICT = False  # stop at the first malformed row instead of skipping and counting it
 DEDUPE = False  # drop exact duplicate rows (kept by default: hour-precision logs repeat real clicks)
-MIN_ITEM_COUNT = 3  # items seen fewer times share the reserved "unknown" row (3 measured best: see data.py)
+MIN_ITEM_COUNT = data.MIN_ITEM_COUNT  # items seen fewer times share the reserved "unknown" row (3 measured best: see data.py)
+TIME_WINDOW_DAYS = data.TIME_WINDOW_DAYS  # events further than this many days from the log's median time are skipped, counted as 'time implausible' (0: no window)
 N_MIN = 100  # long-term sequences are padded to at least this many events
 N_MAX = 100  # ... and keep at most the most recent N_MAX events (also used for export; memory grows ~N_MAX^2)
 K_MIN = 10  # short-term sequences are padded to at least this many events
@@ -164,8 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--moe_activated ({cfg.moe_activated}) must not exceed --moe_experts ({cfg.moe_experts})")
     if cfg.export_only and cfg.republish:
         p.error("--export_only and --republish exclude each other")
-    if cfg.redis_ttl < 0:
-        p.error(f"--redis_ttl must be >= 0, got {cfg.redis_ttl}")
+    for key in ("redis_ttl", "time_window_days"):
+        if getattr(cfg, key) < 0:
+            p.error(f"--{key} must be >= 0, got {getattr(cfg, key)}")
     return cfg
 
 
@@ -182,7 +184,7 @@ def read_log(cfg, ctx=distributed.Context()):
         demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
     distributed.barrier(ctx)
     events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
-                                      dedupe=cfg.dedupe, progress=cfg.progress)
+                                      dedupe=cfg.dedupe, progress=cfg.progress, time_window_days=cfg.time_window_days)
     print(report.summary())
     return events
 
@@ -418,7 +420,7 @@ def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distrib
 
 
 # Settings that define the model and data: a checkpoint only resumes when they are unchanged.
-RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
+RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
                "heads", "head_dim", "dropout", "pooling", "skip_pool", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
@@ -611,15 +613,43 @@ def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, his
     return metrics
 
 
+def preflight(cfg, ctx: distributed.Context = distributed.Context()):
+    """Fail before the work, not after it: the save folder can be written and is this run's alone (its lock,
+    returned, is held until the run ends), and the Redis URL answers and takes its credentials. Rank 0 checks;
+    every rank stops on its verdict."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            if not cfg.republish:  # --republish writes nothing there
+                lock = model_io.lock_save_dir(cfg.save_dir)
+            if not cfg.no_redis:
+                redis_store.preflight(cfg.redis_url)
+        except model_io.ModelSetError as e:
+            error = f"error: {e}"
+        except redis_store.RedisExportError as e:
+            error = (f"error: {e} Nothing was read or trained: fix --redis_url, or pass --no_redis to write the "
+                     "vectors to disk only.")
+    error = distributed.broadcast(error, ctx)
+    if error:
+        if lock is not None:
+            lock.close()
+        raise SystemExit(error)
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     runtime.tune_malloc()
     ctx, device = distributed.init(cfg.device)
+    lock = None
     try:
+        lock = preflight(cfg, ctx)
         return run(cfg, ctx, device)
-    except data.DataError as e:  # bad input, explained in one line: a traceback would only bury it (bugs keep theirs)
-        raise SystemExit(f"error: {e}") from None
+    except (data.DataError, model_io.ModelSetError) as e:  # bad input, explained in one line: a traceback would
+        raise SystemExit(f"error: {e}") from None           # only bury it (bugs keep theirs)
     finally:
+        if lock is not None:
+            lock.close()
         distributed.close(ctx)
 
 

@@ -233,6 +233,21 @@ def test_userbehavior_malformed_rows(tmp_path):
         data.read_events(p2, strict=True, progress=False)
 
 
+def test_times_far_from_the_rest_of_the_log_are_counted_as_implausible(tmp_path):
+    rows = ''.join(f'{u},{10 + u},1,,5,2014-12-{d:02d} 0{u}\n' for u in range(1, 4) for d in range(1, 8))
+    p = write(tmp_path / 'far.csv', HEADER + rows + '9,99,1,,5,2044-12-06 03\n')    # line 23: a typo'd year
+    ev, rep = data.read_events(p, progress=False)
+    assert rep.skipped == {'time implausible': 1} and rep.rows_kept == 21
+    assert ev['hour'].max() < hour_of('2014-12-08T00')                            # the target day stays in 2014
+    assert 'time implausible: 1' in rep.summary()
+    with pytest.raises(DataError, match=r"far\.csv: line 23: time implausible \(2044-12-06 03, more than 365 days"):
+        data.read_events(p, strict=True, progress=False)
+    assert len(data.read_events(p, progress=False, time_window_days=0)[0]) == 22   # 0: no window
+    ub_rows = '1,2,3,pv,1511544070\n1,2,3,pv,1511547670\n1,2,3,buy,2458000000\n'   # UserBehavior: 2047
+    _, rep = data.read_events(write(tmp_path / 'ub_far.csv', ub_rows), progress=False)
+    assert rep.skipped == {'time implausible': 1}
+
+
 def test_line_numbers_account_for_skipped_lines(tmp_path):
     # lines the parser drops itself (too many fields) must not shift later rows' line numbers
     lines = ['1,2,3,pv,1511544070'] * 3 + ['1,2,3,pv,1511544070,9'] * 2 + ['1,2,3,pv,1511544070', '1,2,3,nope,1']

@@ -120,12 +120,21 @@ def test_resume_refuses_changed_settings(demo_log, tmp_path):
         train.main([*common, "--resume", "--epochs", "2", "--width", "32"])
 
 
-def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_path):
+def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_path, monkeypatch):
     port = redis_store.free_port()
     url = f"redis://127.0.0.1:{port}"
     common = ["--save_dir", str(tmp_path), "--redis_url", url, "--no-evaluate", *TINY]
+    server = redis_store.start_test_server(port=port)  # answers the check before training ...
+    publish = train.publish
+
+    def server_gone_by_now(*args, **kwargs):  # ... and is gone when the vectors are ready
+        server.stop()
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(train, "publish", server_gone_by_now)
     code = train.main(["--data_path", str(demo_log), *common])
     assert code == train.EXIT_REDIS
+    monkeypatch.undo()
     user_ids, vectors, _ = model_io.load_vectors(tmp_path)  # safe on disk
     server = redis_store.start_test_server(port=port)
     try:
@@ -177,6 +186,69 @@ def test_torn_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["long_term.pth"]
+
+
+def test_save_interrupted_between_weight_files_is_refused_never_mixed(trained, demo_log, tmp_path, monkeypatch):
+    work = tmp_path / "saved"
+    shutil.copytree(trained[0], work)
+    new_model, vocab, _ = model_io.load_model(work)
+    with torch.no_grad():
+        for p in new_model.parameters():
+            p.add_(1.0)  # another run's weights
+    writes = []
+    save = model_io.atomic_torch_save
+
+    def killed_after_two(obj, path):
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # SIGINT/SIGKILL between the second and third weight file
+        writes.append(path)
+        save(obj, path)
+
+    monkeypatch.setattr(model_io, "atomic_torch_save", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        model_io.save_model(work, new_model, vocab, {})
+    monkeypatch.undo()
+    assert [p.name for p in writes] == ["feature_embedding.pth", "moe_layer.pth"]
+    with pytest.raises(model_io.ModelSetError, match=r"feature_embedding\.pth, moe_layer\.pth do not match "
+                                                     r"config\.json .* --resume"):
+        model_io.load_model(work)
+    with pytest.raises(SystemExit, match=r"^error: .* is not one consistent model"):
+        train.main(["--export_only", "--data_path", str(demo_log), "--save_dir", str(work), "--no_redis"])
+    # the repair the message names: --resume finds the finished run in checkpoint.pt and saves the set again
+    assert train.main(["--data_path", str(demo_log), "--save_dir", str(work), "--no_redis", "--resume", *TINY]) == 0
+    model, _, config = model_io.load_model(work)
+    assert config["model_version"].split("-")[1] == model_io.read_config(trained[0])["model_version"].split("-")[1]
+
+
+def test_second_run_on_a_save_dir_in_use_fails_at_once(demo_log, tmp_path, monkeypatch):
+    held = model_io.lock_save_dir(tmp_path)  # a first run, still training
+    monkeypatch.setattr(train.data, "read_events", lambda *a, **k: pytest.fail("read the log before failing"))
+    try:
+        with pytest.raises(SystemExit, match=rf"--save_dir {tmp_path} is in use by pid {os.getpid()}"):
+            train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY])
+    finally:
+        held.close()
+    monkeypatch.undo()
+    assert train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY]) == 0
+
+
+def test_unwritable_save_dir_and_wrong_redis_password_fail_before_reading_the_log(demo_log, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.data, "read_events", lambda *a, **k: pytest.fail("read the log before failing"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"--save_dir .*a_file/saved: cannot write there"):
+        train.main(["--data_path", str(demo_log), "--save_dir", str(blocker / "saved"), "--no_redis", *TINY])
+    server = redis_store.start_test_server(args=("--requirepass", "right"))
+    try:
+        url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+        with pytest.raises(SystemExit, match=r"refused the credentials .* Nothing was read or trained") as e:
+            train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path / "s"), "--redis_url", url, *TINY])
+        assert "wrong" not in str(e.value)
+        with pytest.raises(SystemExit, match=r"invalid Redis URL"):
+            train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path / "s"), "--redis_url",
+                        "http://x", *TINY])
+    finally:
+        server.stop()
 
 
 def test_non_finite_loss_stops_with_clear_message(demo_log, tmp_path, monkeypatch):
