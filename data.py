@@ -435,6 +435,10 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                     raise DataError(f'{path}: cannot parse as {_EXPECTED[fmt]} ({e})') from None
                 if fmt == 'tianchi':  # header names as _detect_format matched them: case, quotes, BOM do not matter
                     chunk.columns = [str(c).lstrip('\ufeff').strip().strip('"').lower() for c in chunk.columns]
+                if not typed:  # a CSV writer that quotes every field ("1","2",...) lands here: unquote the values
+                    for c in chunk.columns:
+                        if not isinstance(chunk[c].dtype, pd.CategoricalDtype):  # object or str: text
+                            chunk[c] = chunk[c].str.strip().str.strip('"')
                 new_lines = [int(m) for w in caught for m in _SKIP_RE.findall(str(w.message))]
                 caught.clear()
                 skipped_lines.extend(new_lines)

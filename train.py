@@ -219,7 +219,7 @@ def split_users(seqs, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if cfg.val_fraction > 0:
         n_val = max(n_val, 2)  # validation ranks a user among the others: it needs two
     if len(users) - n_test - n_val < 2:
-        raise SystemExit(f"only {len(users)} user(s) have the 2+ events needed for a long and a short sequence; "
+        raise SystemExit(f"error: only {len(users)} user(s) have the 2+ events needed for a long and a short sequence; "
                          f"after holding out {n_test} test and {n_val} validation users fewer than 2 are left "
                          "to train on (lower --test_fraction / --val_fraction, or --no-evaluate)")
     test, val, train_ = users[:n_test], users[n_test:n_test + n_val], users[n_test + n_val:]
@@ -438,10 +438,10 @@ def restore_checkpoint(path: Path, model, opts, cfg, ctx=distributed.Context()) 
     ckpt = distributed.broadcast(torch.load(path, map_location="cpu", weights_only=False)
                                  if ctx.is_main and path.exists() else None, ctx)
     if ckpt is None:
-        raise SystemExit(f"--resume: no checkpoint at {path}")
+        raise SystemExit(f"error: --resume: no checkpoint at {path}")
     changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k) != v}
     if changed:
-        raise SystemExit(f"--resume: {path} was made with other settings "
+        raise SystemExit(f"error: --resume: {path} was made with other settings "
                          + ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
     model.load_state_dict(ckpt["model"])
     for opt, state in zip(opts, ckpt["optimizers"]):
@@ -673,7 +673,7 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
     train_users, val_users, test_users = split_users(seqs, cfg)
     if len(train_users) < ctx.world:
-        raise SystemExit(f"only {len(train_users)} training users for {ctx.world} processes: every process needs "
+        raise SystemExit(f"error: only {len(train_users)} training users for {ctx.world} processes: every process needs "
                          "a user in every batch (use fewer processes)")
     print(f"training on {len(train_users)} users, validating on {len(val_users)}"
           + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")

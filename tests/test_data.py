@@ -233,6 +233,16 @@ def test_userbehavior_malformed_rows(tmp_path):
         data.read_events(p2, strict=True, progress=False)
 
 
+def test_fields_quoted_by_a_csv_writer_read_like_plain_ones(tmp_path):
+    rows = ['1,10,1,,5,2014-12-06 02', '2,11,4,abc12,6,2014-12-07 23', '2,1x,4,abc12,6,2014-12-07 23']
+    quoted = ''.join('"' + r.replace(',', '","') + '"\n' for r in rows)
+    ev, rep = data.read_events(write(tmp_path / 'q.csv', HEADER + quoted), progress=False)
+    plain, _ = data.read_events(write(tmp_path / 'p.csv', HEADER + '\n'.join(rows) + '\n'), progress=False)
+    assert rep.skipped == {'non-integer id': 1} and ev.equals(plain)
+    ub, rep = data.read_events(write(tmp_path / 'ubq.csv', '"1","2","3","pv","1511544070"\n'), progress=False)
+    assert rep.rows_kept == 1 and ub['behavior'].tolist() == [1]
+
+
 def test_times_far_from_the_rest_of_the_log_are_counted_as_implausible(tmp_path):
     rows = ''.join(f'{u},{10 + u},1,,5,2014-12-{d:02d} 0{u}\n' for u in range(1, 4) for d in range(1, 8))
     p = write(tmp_path / 'far.csv', HEADER + rows + '9,99,1,,5,2044-12-06 03\n')    # line 23: a typo'd year
