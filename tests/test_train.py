@@ -159,17 +159,25 @@ def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_p
 
 
 def test_redis_password_is_in_no_output_and_no_saved_file(demo_log, tmp_path, capsys):
-    url = "redis://:s3cretpw@127.0.0.1:1/0"
-    assert train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--redis_url", url,
-                       "--no_redis", *TINY]) == 0
+    server = redis_store.start_test_server(args=("--requirepass", "s3cretpw"))
+    url = f"redis://:s3cretpw@127.0.0.1:{server.port}/0"
+    try:
+        assert train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--redis_url", url,
+                           "--redis_prefix", "sec:", *TINY]) == 0
+        r = redis.Redis.from_url(url)
+        stored = b"".join(r.get(k) for k in r.keys("sec:__*"))  # the metadata keys this run wrote
+    finally:
+        server.stop()
+    assert b"\"version\"" in stored and b"s3cretpw" not in stored
     out = capsys.readouterr()
     assert "s3cretpw" not in out.out + out.err
-    assert "redis://:***@127.0.0.1:1/0" in out.out  # still says which server was meant
+    masked = f"redis://:***@127.0.0.1:{server.port}/0"
+    assert masked in out.out  # still says which server was meant
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {"config.json", model_io.CHECKPOINT_FILE, model_io.VECTORS_FILE} <= {p.name for p in files}
     for path in files:
         assert b"s3cretpw" not in path.read_bytes(), path
-    assert model_io.read_config(tmp_path)["train"]["redis_url"] == "redis://:***@127.0.0.1:1/0"
+    assert model_io.read_config(tmp_path)["train"]["redis_url"] == masked
 
 
 def test_torn_save_leaves_previous_file_intact(tmp_path, monkeypatch):
