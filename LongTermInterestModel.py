@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -406,17 +406,16 @@ class LongTermInterestModel(nn.Module):
         self.long_term = InterestTower(cfg)
         self.short_term = InterestTower(cfg)
 
-    def encode(self, batch: dict, tower: str = 'long', return_stats: bool = False):
-        """batch -> (B, hidden_dim) user vectors from the 'long' or 'short' tower (+ MoEStats)."""
+    def encode(self, batch: dict, tower: str = 'long') -> torch.Tensor:
+        """batch -> (B, hidden_dim) unit user vectors from the 'long' or 'short' tower."""
         if tower not in ('long', 'short'):
             raise ValueError(f"tower must be 'long' or 'short', got {tower!r}")
         mask = batch_mask(batch)
         fe = self.feature_embedding
-        x, stats = self.moe_layer(fe(batch), mask, return_stats=True)
+        x = self.moe_layer(fe(batch), mask)
         targets = fe.target(batch['item'], batch['category']) if self.cfg.skip_pool else None
         known = batch['item'] > 1                                           # 1: the shared unknown item
-        v = (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known)
-        return (v, stats) if return_stats else v
+        return (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known)
 
     def candidate_vectors(self, batch: dict) -> torch.Tensor:
         """(C, hidden_dim) vectors of one-event candidate sequences (C, 1) to rank against long vectors:
@@ -426,63 +425,20 @@ class LongTermInterestModel(nn.Module):
             return self.feature_embedding.target(batch['item'][:, 0], batch['category'][:, 0])
         return self.encode(batch, tower='short')
 
-    def forward(self, long_batch: dict, pos_batch: dict, neg_batch: Optional[dict] = None,
-                objective: str = 'bpr', tau: float = 1.0):
-        """Training step's loss: BPR on (long_u, short_u, short_neg), or InfoNCE (neg_batch optional).
+    def forward(self, long_batch: dict, short_batch: dict, candidates: Optional[list] = None):
+        """The training step's vectors: (long-tower vectors, short-tower vectors, [target vectors of each
+        candidate set]); `batch_loss` turns them into the loss. candidates: (item, category) index tensor
+        pairs, one per candidate set (the 'allaction' objective's future items and categories).
+        Every parameter the step trains is used in this one call, which DistributedDataParallel needs."""
+        cands = [self.feature_embedding.target(i, c) for i, c in candidates or ()]
+        return self.encode(long_batch, 'long'), self.encode(short_batch, 'short'), cands
 
-        Returns (loss, metrics, [MoEStats of each encoded batch]).
-        """
-        long_v, s_long = self.encode(long_batch, 'long', return_stats=True)
-        pos_v, s_pos = self.encode(pos_batch, 'short', return_stats=True)
-        stats = [s_long, s_pos]
-        neg_v = None
-        if neg_batch is not None:
-            neg_v, s_neg = self.encode(neg_batch, 'short', return_stats=True)
-            stats.append(s_neg)
-        if objective == 'bpr':
-            if neg_v is None:
-                raise ValueError("objective 'bpr' needs neg_batch")
-            loss, metrics = bpr_loss(long_v, pos_v, neg_v, tau)
-        elif objective == 'info_nce':
-            loss, metrics = info_nce_loss(long_v, pos_v, tau, neg_v)
-        else:
-            raise ValueError(f"objective must be 'bpr' or 'info_nce', got {objective!r}")
-        return loss, metrics, stats
-
-    def param_groups(self, weight_decay: float = 0.0) -> 'ParamGroups':
-        """(sparse, dense) parameters for SparseAdam and Adam/AdamW; see the module-level param_groups."""
-        return param_groups(self, weight_decay=weight_decay)
-
-
-class ParamGroups(NamedTuple):
-    """Parameters split for the optimisers; unpacks as `sparse, dense = model.param_groups()`.
-
-    sparse: item tables with sparse gradients (torch.optim.SparseAdam).
-    dense: param-group dicts for a dense optimiser (Adam / AdamW): matrices with `weight_decay`, and
-        biases, norms, embeddings, [CLS] and 1-d tensors without.
-    """
-    sparse: list
-    dense: list
-
-
-def param_groups(*modules: nn.Module, weight_decay: float = 0.0) -> ParamGroups:
-    """Split the modules' trainable parameters; every one lands in exactly one group (empty groups are
-    left out)."""
-    sparse, decay, no_decay, seen = [], [], [], set()
-    for module in modules:
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if isinstance(m, nn.Embedding) and m.sparse:
-                    sparse.append(p)
-                elif isinstance(m, (nn.Embedding, nn.LayerNorm)) or name == 'cls' or p.dim() < 2:
-                    no_decay.append(p)
-                else:
-                    decay.append(p)
-    dense = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    return ParamGroups(sparse, [g for g in dense if g['params']])
+    def param_groups(self) -> tuple[list, list]:
+        """(sparse, dense) parameters: the item table when it has sparse gradients (for SparseAdam), and
+        every other parameter (for Adam)."""
+        sparse = [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
+        taken = {id(p) for p in sparse}
+        return sparse, [p for p in self.parameters() if id(p) not in taken]
 
 
 if __name__ == '__main__':
@@ -500,16 +456,16 @@ if __name__ == '__main__':
                 'weekend': torch.randint(1, 3, (b, l)) * m, 'behavior': torch.randint(1, 5, (b, l)) * m,
                 'time': torch.rand(b, l, 2) * mask.unsqueeze(-1), 'mask': mask}
 
-    long_b, short_b, neg_b = random_batch(4, 200), random_batch(4, 20), random_batch(4, 20)
+    long_b, short_b = random_batch(4, 200), random_batch(4, 20)
     x = model.feature_embedding(long_b)
-    y, stats = model.moe_layer(x, long_b['mask'], return_stats=True)
-    v = model.long_term(y, long_b['mask'], model.feature_embedding.target(long_b['item'], long_b['category']))
+    y = model.moe_layer(x, long_b['mask'])
     print(f"config: {cfg}")
-    print(f"embedding {tuple(x.shape)} -> moe {tuple(y.shape)} -> long vector {tuple(v.shape)}, "
-          f"norms {v.norm(dim=-1).tolist()}")
-    loss, metrics, _ = model(long_b, short_b, neg_b)
+    print(f"embedding {tuple(x.shape)} -> moe {tuple(y.shape)}")
+    long_v, short_v, _ = model(long_b, short_b)
+    print(f"long vectors {tuple(long_v.shape)}, norms {long_v.norm(dim=-1).tolist()}")
+    loss, metrics = batch_loss(long_v, short_v, 'infonce', tau=0.1)
     loss.backward()
     print({k: round(float(t), 4) for k, t in metrics.items()})
-    sparse, dense = model.param_groups(0.01)
+    sparse, dense = model.param_groups()
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,} "
           f"(sparse {sum(p.numel() for p in sparse):,})")

@@ -453,21 +453,19 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
     that many users: every repeat yields a paired (step, peak, export) triple."""
     import numpy as np
     import torch
-    import distributed
     import inference
     import runtime
     import train
     tuned = runtime.tune_malloc()
     cfg, seqs, model, opts, dev, users = _train_setup(batch_size, width, n_len, device)
     rng = np.random.default_rng(0)
-    net = distributed.PairEncoder(model)
     cuda = dev.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak_dtype = torch.bfloat16 if cuda else torch.float32
 
     def step(batch_users):
         t0 = time.perf_counter()
-        loss, _ = train.batch_forward(net, seqs, batch_users, int(rng.integers(1, len(batch_users))), cfg, dev)
+        loss, _ = train.batch_forward(model, seqs, batch_users, int(rng.integers(1, len(batch_users))), cfg, dev)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -176,29 +176,15 @@ def sharded_user_vectors(model, seqs, users: np.ndarray | None, ctx: Context, de
 
 
 # ----------------------------------------------------------------------------------------------- model
-class PairEncoder(nn.Module):
-    """forward(long batch, short batch[, candidates]) -> (long-tower vectors, short-tower vectors, [candidate
-    vectors]): everything with parameters in one forward call, which is what DistributedDataParallel needs
-    to synchronise the gradients. candidates: (item, category) index tensor pairs, one per candidate set."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, long_batch: dict, short_batch: dict, candidates: list | None = None):
-        cands = [self.model.feature_embedding.target(i, c) for i, c in candidates or ()]
-        return self.model.encode(long_batch, tower="long"), self.model.encode(short_batch, tower="short"), cands
-
-
 def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
-    """The training-step module: PairEncoder, inside DistributedDataParallel when distributed.
+    """The training-step module: the model itself, inside DistributedDataParallel when distributed (its
+    forward returns every vector the step's loss needs, so DDP sees every trained parameter used).
 
     Buffers are not broadcast at every forward: the MoE's balancing state is kept equal on all ranks by
     all-reducing its counts (DeepSeekMoE.MoE.process_group), and its per-rank counters must stay local.
     """
-    net = PairEncoder(model)
     if not ctx.distributed:
-        return net
+        return model
     model.moe_layer.process_group = dist.group.WORLD
     return nn.parallel.DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)

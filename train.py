@@ -347,7 +347,7 @@ def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, devic
         long_b = seqs.batch(mine, "long", cfg.n_min, cfg.n_max)
         short_all_b = seqs.batch(batch_users, "short", cfg.k_min, cfg.k_max)
     short_b = {k: v[rows] for k, v in short_all_b.items()}
-    cands, pairs = (future_candidates(short_all_b, rows, getattr(net, "module", net).model.cfg.n_categories, log_q)
+    cands, pairs = (future_candidates(short_all_b, rows, getattr(net, "module", net).cfg.n_categories, log_q)
                     if cfg.loss == "allaction" else (None, None))
     with inference.autocast(device):
         long_v, short_v, cand_v = net(to_t(long_b, device), to_t(short_b, device),
@@ -372,7 +372,7 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
     rng = np.random.default_rng([cfg.seed, 1, epoch])
     cut_rng = np.random.default_rng([cfg.seed, 5, epoch]) if cfg.random_cuts else None
     log_q = item_log_q(seqs, model.cfg.n_items) if cfg.loss == "allaction" else None
-    net = net if net is not None else distributed.PairEncoder(model)  # DDP passes its wrapped one
+    net = net if net is not None else model  # distributed: the DDP-wrapped model
     model.train()
     batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng, min_size=max(2, ctx.world))
     total, seen, t0 = 0.0, 0, time.perf_counter()
@@ -444,8 +444,12 @@ def restore_checkpoint(path: Path, model, opts, cfg, ctx=distributed.Context()) 
         raise SystemExit(f"error: --resume: {path} was made with other settings "
                          + ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
     model.load_state_dict(ckpt["model"])
-    for opt, state in zip(opts, ckpt["optimizers"]):
-        opt.load_state_dict(state)
+    try:
+        for opt, state in zip(opts, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(state)
+    except ValueError:  # e.g. the two dense Adam groups of checkpoints written before 2026-12-04
+        raise SystemExit(f"error: --resume: {path} was written by an older train.py whose optimiser state has "
+                         "another layout; start the run again without --resume") from None
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])

@@ -46,7 +46,7 @@ def main(out: str, loss: str) -> None:
     loss_ddp.backward()
     got = grads(model)
     if ctx.is_main:
-        loss_one, value_one = train.batch_forward(distributed.PairEncoder(single), seqs, users, 5, cfg, device)
+        loss_one, value_one = train.batch_forward(single, seqs, users, 5, cfg, device)
         loss_one.backward()
         want = grads(single)
         diff = {k: float((got[k] - want[k]).abs().max()) for k in want}
