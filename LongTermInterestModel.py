@@ -168,7 +168,7 @@ class FeatureEmbedding(nn.Module):
 
 def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) with dropout on the probabilities, @ v: what SDPA computes with
-    dropout_p = p, written out because SDPA's CPU math path (the only one with dropout) is ~25% slower
+    dropout_p = p, written out for the CPU (only) because SDPA's CPU math path (the only one with dropout) is ~25% slower
     (it converts the bool mask per head and scans the scores for fully masked rows), and bernoulli_ masks
     cost more than the attention matmuls.
 
@@ -184,9 +184,12 @@ def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tens
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training) with the cheaper mask of _dropout_scale."""
+    """F.dropout(x, p, training); on the CPU with the cheaper mask of _dropout_scale (CUDA keeps its fused
+    kernel)."""
     if not training or p == 0:
         return x
+    if x.device.type != 'cpu':
+        return F.dropout(x, p, training)
     return x * _dropout_scale(x.shape, p, x.dtype, x.device)
 
 
@@ -222,10 +225,11 @@ class Block(nn.Module):
         """x (B, N, C); attn_mask (B, 1, 1, N) bool, True = key may be attended to."""
         b, n, _ = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.training and self.p_drop > 0:
-            a = _attention_dropout(q, k, v, attn_mask, self.p_drop)                          # (B, H, N, hd)
-        else:   # SDPA's fused (flash) CPU kernel, which has no dropout
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)                 # (B, H, N, hd)
+        p_attn = self.p_drop if self.training else 0.0
+        if p_attn > 0 and x.device.type == 'cpu':  # SDPA's CPU path with dropout is the slow math one
+            a = _attention_dropout(q, k, v, attn_mask, p_attn)                               # (B, H, N, hd)
+        else:   # SDPA's fused kernels: flash on the CPU (no dropout), flash / memory-efficient on CUDA
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p_attn)   # (B, H, N, hd)
         p = self.dropout.p if self.training else 0.0
         x = x + _dropout(self.out(a.transpose(1, 2).reshape(b, n, -1)), p)
         return x + _dropout(self.ff(self.norm2(x)), p)

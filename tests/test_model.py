@@ -317,3 +317,20 @@ def test_allaction_loss_gradients_reach_the_target_head_and_towers():
                  'long_term.blocks.0.qkv.weight', 'moe_layer.w_in', 'short_term.head.weight'):
         p = dict(model.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_cpu_attention_dropout_is_sdpa_in_expectation_and_respects_the_mask():
+    from LongTermInterestModel import _attention_dropout, _dropout_scale
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(_attention_dropout(q, k, v, mask, 0.0), want, atol=1e-5, rtol=0)
+    v_junk = v.clone()
+    v_junk[1, :, 3:] = 1e6                                     # masked keys' values never reach the output
+    torch.manual_seed(0)
+    mean = sum(_attention_dropout(q, k, v_junk, mask, 0.3) for _ in range(4000)) / 4000
+    torch.testing.assert_close(mean, want, atol=0.05, rtol=0)  # inverted dropout: unbiased
+    keep = _dropout_scale((200_000,), 0.3, torch.float32, torch.device('cpu'))
+    assert keep.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+    assert float((keep > 0).float().mean()) == pytest.approx(0.7, abs=0.005)
