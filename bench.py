@@ -33,9 +33,7 @@ import tempfile
 import time
 from typing import Callable
 
-# libgomp reads this when torch loads: spin-waiting threads make the MoE's many small parallel regions
-# several times slower when another process holds a core (see train.py).
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import runtime  # noqa: F401  before any section imports torch: it sets OpenMP's wait policy (see runtime.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS: dict[str, tuple[Callable, str]] = {}
@@ -317,7 +315,6 @@ def _task_moe(tokens: int, dim: int, hidden: int, experts: int, k: int, shared: 
               naive: bool) -> dict:
     """Forward + backward of the dense SwiGLU, the MoE and the naive loop, interleaved (rotating order)."""
     import torch
-    import runtime
     from DeepSeekMoE import MoE, MoEConfig
     runtime.tune_malloc()
     torch.manual_seed(0)
@@ -454,7 +451,6 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
     import numpy as np
     import torch
     import inference
-    import runtime
     import train
     tuned = runtime.tune_malloc()
     cfg, seqs, model, opts, dev, users = _train_setup(batch_size, width, n_len, device)
@@ -827,7 +823,6 @@ def _task_growth(path: str, n_len: int, batch_size: int, n_min: int = 100, redis
     import data
     import inference
     import redis_store
-    import runtime
     import train
     runtime.tune_malloc()
     cfg = train.parse_args(['--n_min', str(n_min), '--n_max', str(n_len), '--batch_size', str(batch_size),

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 
 from atomic_files import atomic_write
+from data import TIANCHI_COLUMNS
 
 START_DATE = '2014-11-18'
-TIANCHI_COLUMNS = ['user_id', 'item_id', 'behavior_type', 'user_geohash', 'item_category', 'time']
 BEHAVIOR_SHARES = (0.942, 0.020, 0.028, 0.010)  # view, fav, cart, buy (full Tianchi file)
 # relative activity per hour of day, 0..23 (shape of the real Tianchi daily curve)
 HOUR_WEIGHTS = np.array([40, 22, 12, 8, 6, 7, 13, 24, 34, 40, 46, 45,

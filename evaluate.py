@@ -47,15 +47,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable
 
 import numpy as np
 
-# as in train.py: OpenMP's default spin-wait makes the many small matmuls crawl when the cores are shared
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import runtime  # first: it sets OpenMP's wait policy before torch loads
 import torch  # noqa: E402
 
 import data  # noqa: E402
@@ -613,7 +611,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--progress', default=True, action=argparse.BooleanOptionalAction)
     args = p.parse_args(argv)
     import model_io
-    import runtime
     runtime.tune_malloc()
     device = runtime.pick_device(args.device)
     try:  # bad input is one line, as in train.py; bugs keep their traceback

@@ -1,4 +1,4 @@
-"""Process-level set-up shared by train.py, evaluate.py and bench.py: allocator, seeds, device."""
+"""Process-level set-up shared by train.py, evaluate.py and bench.py: OpenMP wait policy, allocator, seeds, device."""
 from __future__ import annotations
 
 import ctypes
@@ -6,7 +6,12 @@ import os
 import random
 
 import numpy as np
-import torch
+
+# The MoE issues hundreds of small matmuls per step; OpenMP's default spin-wait made them 4x slower when
+# another process shares the cores (CI has 2). libgomp reads this once, when torch loads: entry points
+# (train.py, evaluate.py, bench.py, tests/conftest.py) import this module before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 # glibc mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import resource
 import sys
@@ -31,9 +30,7 @@ from typing import Any
 
 import numpy as np
 
-# The MoE issues hundreds of small matmuls per step; OpenMP's default spin-wait made them 4x slower when
-# another process shares the cores. Read once, when torch loads, so it is set before the import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import runtime  # first: it sets OpenMP's wait policy before torch loads
 import torch  # noqa: E402
 from tqdm.auto import tqdm
 
@@ -45,7 +42,6 @@ import inference
 import model_io
 import redis_store
 import report
-import runtime
 from DeepSeekMoE import MoEConfig
 from LongTermInterestModel import LongTermInterestModel, ModelConfig, batch_loss
 
@@ -63,10 +59,10 @@ STRICT = False  # stop at the first malformed row instead of skipping and counti
 DEDUPE = False  # drop exact duplicate rows (kept by default: hour-precision logs repeat real clicks)
 MIN_ITEM_COUNT = data.MIN_ITEM_COUNT  # items seen fewer times share the reserved "unknown" row (3 measured best: see data.py)
 TIME_WINDOW_DAYS = data.TIME_WINDOW_DAYS  # events further than this many days from the log's median time are skipped, counted as 'time implausible' (0: no window)
-N_MIN = 100  # long-term sequences are padded to at least this many events
-N_MAX = 100  # ... and keep at most the most recent N_MAX events (also used for export; memory grows ~N_MAX^2)
-K_MIN = 10  # short-term sequences are padded to at least this many events
-K_MAX = 20  # ... and keep at most the most recent K_MAX events
+N_MIN = data.N_MIN  # long-term sequences are padded to at least this many events
+N_MAX = data.N_MAX  # ... and keep at most the most recent N_MAX events (also used for export; memory grows ~N_MAX^2)
+K_MIN = data.K_MIN  # short-term sequences are padded to at least this many events
+K_MAX = data.K_MAX  # ... and keep at most the most recent K_MAX events
 VAL_FRACTION = 0.1  # share of trainable users held out to choose the best epoch
 EVALUATE = True  # hold out the log's last day (and TEST_FRACTION of users) and evaluate against baselines
 TEST_FRACTION = 0.1  # with EVALUATE: share of users never trained on, evaluated as 'heldout'
@@ -107,29 +103,146 @@ REDIS_TTL = 0  # seconds before published vectors expire; 0 = never
 NO_REDIS = False  # write vectors to disk only
 PROGRESS = True  # progress bars
 # -----------------------------------------------------------------------------
-CHOICES = {
-    "data_format": ("auto", "tianchi", "userbehavior"),
-    "pooling": ("cls", "mean"),
-    "moe_balance": ("running", "seed", "bias", "none"),
-    "loss": ("allaction", "infonce", "bpr"),
-    "lr_schedule": ("cosine", "constant"),
-    "redis_format": ("json", "f32"),
-    "redis_layout": ("plain", "versioned"),
+# How each flag is checked, in one table: a tuple lists the allowed values; "> 0", ">= 0" and "[0, 1)" are
+# ranges (NaN and inf are refused for every float). Every numeric constant needs an entry: _constants() refuses
+# a constant without one, and a constant without a comment (the comment is the flag's help).
+CHECKS = {
+    "data_format": ("auto", "tianchi", "userbehavior"), "pooling": ("cls", "mean"),
+    "moe_balance": ("running", "seed", "bias", "none"), "loss": ("allaction", "infonce", "bpr"),
+    "lr_schedule": ("cosine", "constant"), "redis_format": ("json", "f32"), "redis_layout": ("plain", "versioned"),
+    **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
+                     "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
+                     "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
+    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl"), ">= 0"),
+    **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
-# Flags that must be strictly positive / within [0, 1).
-POSITIVE = ("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
-            "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
-            "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size")
-FRACTIONS = ("val_fraction", "test_fraction", "dropout")
+# Settings that define the model and data: a checkpoint only resumes when they are unchanged.
+RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
+               "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
+               "heads", "head_dim", "dropout", "pooling", "skip_pool", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
+               "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
 
+# -----------------------------------------------------------------------------
+# the run: the whole job, top to bottom
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    runtime.tune_malloc()
+    ctx, device = distributed.init(cfg.device)
+    lock = None
+    try:
+        lock = preflight(cfg, ctx)
+        return run(cfg, ctx, device)
+    except (data.DataError, model_io.ModelSetError) as e:  # bad input, explained in one line: a traceback would
+        raise SystemExit(f"error: {e}") from None           # only bury it (bugs keep theirs)
+    finally:
+        if lock is not None:
+            lock.close()
+        distributed.close(ctx)
+
+
+def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
+    """The whole job; under torchrun every rank runs it, rank 0 alone prints, writes files and publishes."""
+    distributed.quiet_unless_main(ctx)
+    if not ctx.is_main:
+        cfg.progress = False
+    print("config: " + json.dumps(public_config(cfg), sort_keys=True))
+    if ctx.distributed:
+        print(f"distributed: {ctx.world} processes ({ctx.backend}), a share of every batch each")
+    if cfg.export_only or cfg.republish:
+        return run_export_only(cfg, device, ctx)
+    runtime.seed_everything(cfg.seed)
+    events = read_log(cfg, ctx)
+    history, target, cutoff = split_target_day(events) if cfg.evaluate else (events, None, None)
+    # fitted once, by rank 0, and sent to the others: every rank encodes the data the same way
+    vocab = distributed.broadcast(data.Vocab.fit(history, min_item_count=cfg.min_item_count)
+                                  if ctx.is_main else None, ctx)
+    print(vocab.summary())
+    seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
+    train_users, val_users, test_users = split_users(seqs, cfg)
+    if len(train_users) < ctx.world:
+        raise SystemExit(f"error: only {len(train_users)} training users for {ctx.world} processes: every process needs "
+                         "a user in every batch (use fewer processes)")
+    print(f"training on {len(train_users)} users, validating on {len(val_users)}"
+          + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
+    # NCCL cannot all-reduce sparse gradients: on GPUs the item table is dense (and takes Adam)
+    model = build_model(cfg, vocab, sparse_item_grad=ctx.backend != "nccl").to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
+          f"in the item table)")
+    best, history_log, stop = train(cfg, model, seqs, train_users, val_users, device, ctx)
+    if stop:
+        cause = (f"The training diverged: the learning rate is likely too high (try a lower --lr than {cfg.lr:g}"
+                 + (f", or a larger --tau than {cfg.tau:g}" if cfg.tau < 0.05 else "") + ").")
+        if best["state"] is None:
+            raise SystemExit(f"error: {stop}; no epoch finished with finite results, so no weights were written "
+                             f"and nothing was exported. {cause}")
+        model.load_state_dict(best["state"])
+        if ctx.is_main:
+            model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), {"history": history_log})
+        raise SystemExit(f"error: {stop}; saved the last good weights (epoch {best['epoch']}) to "
+                         f"{cfg.save_dir}/ and stopped before export. {cause}")
+    model.load_state_dict(best["state"])
+    version = ""
+    if ctx.is_main:
+        extra = {"best_epoch": best["epoch"], "history": history_log, "world_size": ctx.world}
+        if cfg.evaluate:
+            extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
+        version = model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), extra)
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
+              f"peak memory so far {peak_gb:.1f} GB")
+        if cfg.evaluate:  # the other ranks wait for it at the export's gather
+            run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
+    if cfg.evaluate:
+        seqs = make_sequences(events, vocab, "export sequences (whole log)")
+    return export(cfg, model, seqs, version, device, ctx)
+
+
+def preflight(cfg, ctx: distributed.Context = distributed.Context()):
+    """Fail before the work, not after it: the save folder can be written and is this run's alone (its lock,
+    returned, is held until the run ends), and the Redis URL answers and takes its credentials. Rank 0 checks;
+    every rank stops on its verdict."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            if not cfg.republish:  # --republish writes nothing there
+                lock = model_io.lock_save_dir(cfg.save_dir)
+            if not cfg.no_redis:
+                redis_store.preflight(cfg.redis_url)
+        except model_io.ModelSetError as e:
+            error = f"error: {e}"
+        except redis_store.RedisExportError as e:
+            error = (f"error: {e} Nothing was read or trained: fix --redis_url, or pass --no_redis to write the "
+                     "vectors to disk only.")
+    error = distributed.broadcast(error, ctx)
+    if error:
+        if lock is not None:
+            lock.close()
+        raise SystemExit(error)
+    return lock
+
+# -----------------------------------------------------------------------------
+# flags
+
 def _constants() -> dict[str, tuple[Any, str]]:
-    """The upper-case constants above with their one-line comments (the flags' help)."""
+    """The upper-case constants above with their one-line comments (the flags' help). A constant without a
+    comment, a numeric one without a CHECKS entry, or a CHECKS entry naming no constant is a bug in this file,
+    caught here rather than left as a flag that silently is not one or is not checked."""
     src = Path(__file__).read_text().split(_RULE)[1]  # the block between the first two rules
+    names = re.findall(r"^([A-Z][A-Z0-9_]*) = ", src, re.M)
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", src, re.M))
-    return {name: (globals()[name], comments[name]) for name in comments}
+    flags = {n.lower() for n in names}
+    problems = [f"{n} has no comment (its flag's help)" for n in names if n not in comments]
+    problems += [f"{n} has no entry in CHECKS" for n in names
+                 if type(globals()[n]) in (int, float) and n.lower() not in CHECKS]
+    problems += [f"CHECKS names {k!r}, which is no constant" for k in CHECKS if k not in flags]
+    if problems:
+        raise RuntimeError("train.py's constants: " + "; ".join(problems))
+    return {name: (globals()[name], comments[name]) for name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
         else:
+            rule = CHECKS.get(name.lower())
             p.add_argument(flag, default=default, type=type(default), help=f"{help_} (default: {default})",
-                           choices=CHOICES.get(name.lower()))
+                           choices=rule if isinstance(rule, tuple) else None)
     return p
+
+
+_RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 1)": lambda v: 0 <= v < 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,23 +268,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in vars(cfg).items():  # float('nan') and 'inf' parse, and NaN slips through every comparison
         if isinstance(value, float) and not math.isfinite(value):
             p.error(f"--{key} must be a finite number, got {value}")
-    for key in POSITIVE:
-        if getattr(cfg, key) <= 0:
-            p.error(f"--{key} must be > 0, got {getattr(cfg, key)}")
-    for key in FRACTIONS:
-        if not 0 <= getattr(cfg, key) < 1:
-            p.error(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
-    if cfg.n_min > cfg.n_max:
-        p.error(f"--n_min ({cfg.n_min}) must not exceed --n_max ({cfg.n_max})")
-    if cfg.k_min > cfg.k_max:
-        p.error(f"--k_min ({cfg.k_min}) must not exceed --k_max ({cfg.k_max})")
-    if cfg.moe_activated > cfg.moe_experts:
-        p.error(f"--moe_activated ({cfg.moe_activated}) must not exceed --moe_experts ({cfg.moe_experts})")
+        rule = CHECKS.get(key)
+        if isinstance(rule, str) and not _RANGES[rule](value):
+            p.error(f"--{key} must be {'in ' if rule.startswith('[') else ''}{rule}, got {value}")
+    for small, large in (("n_min", "n_max"), ("k_min", "k_max"), ("moe_activated", "moe_experts")):
+        if getattr(cfg, small) > getattr(cfg, large):
+            p.error(f"--{small} ({getattr(cfg, small)}) must not exceed --{large} ({getattr(cfg, large)})")
     if cfg.export_only and cfg.republish:
         p.error("--export_only and --republish exclude each other")
-    for key in ("redis_ttl", "time_window_days"):
-        if getattr(cfg, key) < 0:
-            p.error(f"--{key} must be >= 0, got {getattr(cfg, key)}")
     return cfg
 
 
@@ -189,6 +297,10 @@ def read_log(cfg, ctx=distributed.Context()):
     return events
 
 
+def _has_log(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.glob("*.csv*")))
+
+
 def split_target_day(events):
     """(history, target-day events, cutoff hour): sequences and vocabulary only ever see history."""
     history, target, cutoff, n_after = data.split_last_day(events)
@@ -203,10 +315,6 @@ def make_sequences(events, vocab, what: str = "sequences"):
     seqs = data.build_sequences(events, vocab)
     print(seqs.summary().replace("sequences", what, 1))
     return seqs
-
-
-def _has_log(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and any(path.glob("*.csv*")))
 
 
 def split_users(seqs, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,75 +363,77 @@ def build_optimizers(model, lr: float):
 # -----------------------------------------------------------------------------
 # training
 
-def epoch_batches(users: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  bucket: int = 16, min_size: int = 2) -> list[np.ndarray]:
-    """Shuffled users cut into near-equal batches of at most batch_size and at least min_size (2: a negative
-    needs another user in the batch; distributed, at least one user per rank). Within windows of `bucket` batches users are ordered by length, so a batch
-    is padded to its own users' lengths rather than to the longest history in the log; the batches are
-    then shuffled."""
-    order = rng.permutation(users)
-    n_batches = max(min(math.ceil(len(order) / batch_size), len(order) // min_size), 1)
-    window = math.ceil(len(order) / n_batches) * bucket
-    for start in range(0, len(order), window):
-        chunk = order[start:start + window]
-        order[start:start + window] = chunk[np.argsort(-lengths[chunk], kind="stable")]
-    batches = np.array_split(order, n_batches)
-    return [batches[i] for i in rng.permutation(n_batches)]
+def train(cfg, model, seqs, train_users, val_users, device,
+          ctx: distributed.Context = distributed.Context()) -> tuple[dict, list, str]:
+    """The epoch loop: returns (best epoch chosen on validation with its state_dict, history, stop). stop is ''
+    or why training stopped early (a non-finite loss, validation figure or weight): best is then the last good
+    epoch (state None if there was none). Distributed, every rank runs it (and ends with the same weights);
+    rank 0 writes the checkpoint."""
+    opts = build_optimizers(model, cfg.lr)
+    save_dir = Path(cfg.save_dir)
+    ckpt_path = save_dir / model_io.CHECKPOINT_FILE
+    start, best, history = 0, {"epoch": 0, "score": -math.inf, "state": None}, []
+    if cfg.resume:
+        start, best, history = restore_checkpoint(ckpt_path, model, opts, cfg, ctx)
+        print(f"resumed from {ckpt_path} after epoch {start}")
+    if ctx.rank:  # dropout masks differ between ranks; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.seed + ctx.rank)
+    net = distributed.wrap(model, ctx, device)
+    for epoch in range(start, cfg.epochs):
+        try:
+            rec = {"epoch": epoch + 1, **train_epoch(model, opts, seqs, train_users, cfg, device, epoch, ctx, net)}
+        except NonFiniteLoss as e:
+            return best, history, str(e)
+        rec["moe"] = model.moe_layer.end_epoch()
+        rec.update(validate(model, seqs, val_users, cfg, device, ctx))
+        reason = non_finite_reason(model, rec)
+        if reason:  # never chosen as best, never checkpointed: the run stops on the last good epoch
+            return best, history, f"{reason} at epoch {epoch + 1}"
+        score = rec.get("val_mrr", -rec["train_loss"])  # no validation users: fall back on the training loss
+        if score > best["score"]:
+            best = {"epoch": epoch + 1, "score": score,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        history.append(rec)
+        print(format_epoch(rec))
+        if ctx.is_main:
+            model_io.atomic_torch_save(checkpoint_state(model, opts, epoch + 1, best, history, cfg), ckpt_path)
+    return best, history, ""
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, floor: float = 0.1) -> float:
-    """Multiplier of LR at optimizer step `step` (0-based) of `total`: 'constant' is 1; 'cosine' rises
-    linearly over the first `warmup` share of the steps, then decays along a cosine to `floor`. A function
-    of the step alone, so a resumed run continues the same schedule."""
-    if schedule == "constant":
-        return 1.0
-    n_warm = max(1, round(warmup * total))
-    if step < n_warm:
-        return (step + 1) / n_warm
-    progress = (step - n_warm) / max(1, total - n_warm)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training diverged (NaN/inf loss, validation loss or weights); `best`/`history` are attached by train()."""
-
-
-def non_finite_reason(model, rec: dict[str, Any]) -> str:
-    """Why an epoch's result cannot be kept ('' when it can): a non-finite validation figure or weight."""
-    for key in ("val_loss", "val_mrr"):
-        if key in rec and not math.isfinite(rec[key]):
-            return f"validation {key[4:]} became {rec[key]}"
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        return f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})"
-    return ""
-
-
-def item_log_q(seqs, n_items: int) -> np.ndarray:
-    """(n_items,) log share of each item among the events: how likely it is to be an in-batch candidate."""
-    counts = np.bincount(seqs.item, minlength=n_items).astype(np.float64) + 1.0
-    return np.log(counts / counts.sum()).astype(np.float32)
-
-
-def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.ndarray | None):
-    """Candidates and positives of the 'allaction' objective from the whole batch's future events.
-
-    Categories: every known category (a full softmax); a category candidate is (unknown item, category), as
-    in evaluate.py. Items: the distinct known items of the batch's futures with their category there
-    (in-batch negatives, logQ-corrected). Returns [(item index, category index) candidate arrays] and
-    [(pair_user, pair_cand, log_q)] per set; pairs only for this rank's rows, numbered from 0.
-    """
-    known = short["mask"] & (short["item"] > data.UNKNOWN)                  # (B, K) over the whole batch
-    items, first = np.unique(short["item"][known], return_index=True)
-    cats = np.arange(2, n_categories)
-    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, short["category"][known][first])]
-    mask, known = short["mask"][rows], known[rows]
-    cat_user, cat_pos = np.nonzero(mask)[0], short["category"][rows][mask] - 2   # every known category >= 2
-    ok = cat_pos >= 0
-    item_user, item_pos = np.nonzero(known)[0], np.searchsorted(items, short["item"][rows][known])
-    pairs = [(cat_user[ok], cat_pos[ok], None),
-             (item_user, item_pos, None if log_q is None else log_q[items])]
-    return cands, pairs
+def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
+                ctx: distributed.Context = distributed.Context(), net=None) -> dict[str, float]:
+    """One pass over the training users; returns the mean loss and throughput. The epoch's shuffling and
+    negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones, and so
+    does every rank of a distributed run: each takes a contiguous share of every batch (see distributed)."""
+    rng = np.random.default_rng([cfg.seed, 1, epoch])
+    cut_rng = np.random.default_rng([cfg.seed, 5, epoch]) if cfg.random_cuts else None
+    log_q = item_log_q(seqs, model.cfg.n_items) if cfg.loss == "allaction" else None
+    net = net if net is not None else model  # distributed: the DDP-wrapped model
+    model.train()
+    batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng, min_size=max(2, ctx.world))
+    total, seen, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
+               dynamic_ncols=True)
+    for step, batch_users in enumerate(bar):
+        n = len(batch_users)
+        factor = lr_factor(epoch * len(batches) + step, cfg.epochs * len(batches), cfg.lr_schedule)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * factor
+        loss, value = batch_forward(net, seqs, batch_users, int(rng.integers(1, n)), cfg, device, ctx, cut_rng, log_q)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+        model.moe_layer.after_step()
+        total += value * n
+        seen += n
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    seconds = time.perf_counter() - t0
+    return {"train_loss": total / seen, "seconds": seconds, "triplets_per_s": seen / seconds}
 
 
 def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, device,
@@ -364,40 +474,60 @@ def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, devic
     return loss_sum * (ctx.world / n), value
 
 
-def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
-                ctx: distributed.Context = distributed.Context(), net=None) -> dict[str, float]:
-    """One pass over the training users; returns the mean loss and throughput. The epoch's shuffling and
-    negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones, and so
-    does every rank of a distributed run: each takes a contiguous share of every batch (see distributed)."""
-    rng = np.random.default_rng([cfg.seed, 1, epoch])
-    cut_rng = np.random.default_rng([cfg.seed, 5, epoch]) if cfg.random_cuts else None
-    log_q = item_log_q(seqs, model.cfg.n_items) if cfg.loss == "allaction" else None
-    net = net if net is not None else model  # distributed: the DDP-wrapped model
-    model.train()
-    batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng, min_size=max(2, ctx.world))
-    total, seen, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
-               dynamic_ncols=True)
-    for step, batch_users in enumerate(bar):
-        n = len(batch_users)
-        factor = lr_factor(epoch * len(batches) + step, cfg.epochs * len(batches), cfg.lr_schedule)
-        for opt in opts:
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * factor
-        loss, value = batch_forward(net, seqs, batch_users, int(rng.integers(1, n)), cfg, device, ctx, cut_rng, log_q)
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in opts:
-            opt.step()
-        model.moe_layer.after_step()
-        total += value * n
-        seen += n
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    seconds = time.perf_counter() - t0
-    return {"train_loss": total / seen, "seconds": seconds, "triplets_per_s": seen / seconds}
+def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.ndarray | None):
+    """Candidates and positives of the 'allaction' objective from the whole batch's future events.
+
+    Categories: every known category (a full softmax); a category candidate is (unknown item, category), as
+    in evaluate.py. Items: the distinct known items of the batch's futures with their category there
+    (in-batch negatives, logQ-corrected). Returns [(item index, category index) candidate arrays] and
+    [(pair_user, pair_cand, log_q)] per set; pairs only for this rank's rows, numbered from 0.
+    """
+    known = short["mask"] & (short["item"] > data.UNKNOWN)                  # (B, K) over the whole batch
+    items, first = np.unique(short["item"][known], return_index=True)
+    cats = np.arange(2, n_categories)
+    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, short["category"][known][first])]
+    mask, known = short["mask"][rows], known[rows]
+    cat_user, cat_pos = np.nonzero(mask)[0], short["category"][rows][mask] - 2   # every known category >= 2
+    ok = cat_pos >= 0
+    item_user, item_pos = np.nonzero(known)[0], np.searchsorted(items, short["item"][rows][known])
+    pairs = [(cat_user[ok], cat_pos[ok], None),
+             (item_user, item_pos, None if log_q is None else log_q[items])]
+    return cands, pairs
+
+
+def item_log_q(seqs, n_items: int) -> np.ndarray:
+    """(n_items,) log share of each item among the events: how likely it is to be an in-batch candidate."""
+    counts = np.bincount(seqs.item, minlength=n_items).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def epoch_batches(users: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  bucket: int = 16, min_size: int = 2) -> list[np.ndarray]:
+    """Shuffled users cut into near-equal batches of at most batch_size and at least min_size (2: a negative
+    needs another user in the batch; distributed, at least one user per rank). Within windows of `bucket` batches users are ordered by length, so a batch
+    is padded to its own users' lengths rather than to the longest history in the log; the batches are
+    then shuffled."""
+    order = rng.permutation(users)
+    n_batches = max(min(math.ceil(len(order) / batch_size), len(order) // min_size), 1)
+    window = math.ceil(len(order) / n_batches) * bucket
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        order[start:start + window] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+    batches = np.array_split(order, n_batches)
+    return [batches[i] for i in rng.permutation(n_batches)]
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, floor: float = 0.1) -> float:
+    """Multiplier of LR at optimizer step `step` (0-based) of `total`: 'constant' is 1; 'cosine' rises
+    linearly over the first `warmup` share of the steps, then decays along a cosine to `floor`. A function
+    of the step alone, so a resumed run continues the same schedule."""
+    if schedule == "constant":
+        return 1.0
+    n_warm = max(1, round(warmup * total))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    progress = (step - n_warm) / max(1, total - n_warm)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distributed.Context()) -> dict[str, float]:
@@ -419,11 +549,19 @@ def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distrib
             "val_recall@10": reid["recall@10"]}
 
 
-# Settings that define the model and data: a checkpoint only resumes when they are unchanged.
-RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
-               "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
-               "heads", "head_dim", "dropout", "pooling", "skip_pool", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
-               "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss is NaN or inf (train_epoch raises it; train() stops on the last good epoch)."""
+
+
+def non_finite_reason(model, rec: dict[str, Any]) -> str:
+    """Why an epoch's result cannot be kept ('' when it can): a non-finite validation figure or weight."""
+    for key in ("val_loss", "val_mrr"):
+        if key in rec and not math.isfinite(rec[key]):
+            return f"validation {key[4:]} became {rec[key]}"
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        return f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})"
+    return ""
 
 
 def checkpoint_state(model, opts, epoch, best, history, cfg) -> dict[str, Any]:
@@ -473,59 +611,28 @@ def _load_summary(load) -> str:
     return f"share min/median/max {q[0]:.3%}/{q[1]:.3%}/{q[2]:.3%}"
 
 
-def train(cfg, model, seqs, train_users, val_users, device,
-          ctx: distributed.Context = distributed.Context()) -> tuple[dict, list]:
-    """The epoch loop: returns (best state_dict chosen on validation, history). Distributed, every rank
-    runs it (and ends with the same weights); rank 0 writes the checkpoint."""
-    opts = build_optimizers(model, cfg.lr)
-    save_dir = Path(cfg.save_dir)
-    ckpt_path = save_dir / model_io.CHECKPOINT_FILE
-    start, best, history = 0, {"epoch": 0, "score": -math.inf, "state": None}, []
-    if cfg.resume:
-        start, best, history = restore_checkpoint(ckpt_path, model, opts, cfg, ctx)
-        print(f"resumed from {ckpt_path} after epoch {start}")
-    if ctx.rank:  # dropout masks differ between ranks; rank 0 keeps the single-process stream
-        torch.manual_seed(cfg.seed + ctx.rank)
-    net = distributed.wrap(model, ctx, device)
-    for epoch in range(start, cfg.epochs):
-        try:
-            rec = {"epoch": epoch + 1, **train_epoch(model, opts, seqs, train_users, cfg, device, epoch, ctx, net)}
-        except NonFiniteLoss as e:
-            e.best, e.history = best, history
-            raise
-        rec["moe"] = model.moe_layer.end_epoch()
-        rec.update(validate(model, seqs, val_users, cfg, device, ctx))
-        reason = non_finite_reason(model, rec)
-        if reason:  # never chosen as best, never checkpointed: the run stops on the last good epoch
-            e = NonFiniteLoss(f"{reason} at epoch {epoch + 1}")
-            e.best, e.history = best, history
-            raise e
-        score = rec.get("val_mrr", -rec["train_loss"])  # no validation users: fall back on the training loss
-        if score > best["score"]:
-            best = {"epoch": epoch + 1, "score": score,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        history.append(rec)
-        print(format_epoch(rec))
-        if ctx.is_main:
-            model_io.atomic_torch_save(checkpoint_state(model, opts, epoch + 1, best, history, cfg), ckpt_path)
-    return best, history
-
-
 # -----------------------------------------------------------------------------
-# export
+# export and evaluation
 
-def public_config(cfg) -> dict[str, Any]:
-    """The flags as printed and saved: the Redis password masked (pass --redis_url again to re-publish)."""
-    return {**vars(cfg), "redis_url": redis_store.safe_url(cfg.redis_url)}
-
-
-def redis_flags(cfg, url: str) -> str:
-    """The Redis flags of this run, for the re-publish hint (password masked)."""
-    flags = f" --redis_url {redis_store.safe_url(url)}"
-    for key in ("redis_prefix", "redis_format", "redis_layout", "redis_ttl"):
-        if getattr(cfg, key) != globals()[key.upper()]:
-            flags += f" --{key} {getattr(cfg, key)}"
-    return flags
+def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = distributed.Context()) -> int:
+    """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis.
+    Distributed, each rank computes a share of the users and rank 0 writes and publishes them all."""
+    t0 = time.perf_counter()
+    vectors = distributed.sharded_user_vectors(model, seqs, None, ctx, device, part="all", tower="long",
+                                               min_len=cfg.n_min, max_len=cfg.n_max,
+                                               batch_size=cfg.export_batch_size, progress=cfg.progress)
+    seconds = time.perf_counter() - t0
+    if not ctx.is_main:
+        return 0
+    bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+    if bad:  # checked before the disk, so a NaN file never replaces good vectors
+        raise SystemExit(f"error: {bad} of {len(vectors)} user vectors hold NaN or inf; nothing was written to "
+                         f"{cfg.save_dir}/{model_io.VECTORS_FILE} or Redis. The model's weights are not usable: "
+                         "retrain with a lower --lr (or a larger --tau).")
+    path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
+    print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
+          f"-> {path}")
+    return publish(cfg, seqs.user_ids, vectors, version, path)
 
 
 def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vectors_path: Path) -> int:
@@ -561,25 +668,18 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
     return 0
 
 
-def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = distributed.Context()) -> int:
-    """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis.
-    Distributed, each rank computes a share of the users and rank 0 writes and publishes them all."""
-    t0 = time.perf_counter()
-    vectors = distributed.sharded_user_vectors(model, seqs, None, ctx, device, part="all", tower="long",
-                                               min_len=cfg.n_min, max_len=cfg.n_max,
-                                               batch_size=cfg.export_batch_size, progress=cfg.progress)
-    seconds = time.perf_counter() - t0
-    if not ctx.is_main:
-        return 0
-    bad = int((~np.isfinite(vectors)).any(axis=1).sum())
-    if bad:  # checked before the disk, so a NaN file never replaces good vectors
-        raise SystemExit(f"error: {bad} of {len(vectors)} user vectors hold NaN or inf; nothing was written to "
-                         f"{cfg.save_dir}/{model_io.VECTORS_FILE} or Redis. The model's weights are not usable: "
-                         "retrain with a lower --lr (or a larger --tau).")
-    path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
-    print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
-          f"-> {path}")
-    return publish(cfg, seqs.user_ids, vectors, version, path)
+def public_config(cfg) -> dict[str, Any]:
+    """The flags as printed and saved: the Redis password masked (pass --redis_url again to re-publish)."""
+    return {**vars(cfg), "redis_url": redis_store.safe_url(cfg.redis_url)}
+
+
+def redis_flags(cfg, url: str) -> str:
+    """The Redis flags of this run, for the re-publish hint (password masked)."""
+    flags = f" --redis_url {redis_store.safe_url(url)}"
+    for key in ("redis_prefix", "redis_format", "redis_layout", "redis_ttl"):
+        if getattr(cfg, key) != globals()[key.upper()]:
+            flags += f" --{key} {getattr(cfg, key)}"
+    return flags
 
 
 def run_export_only(cfg, device, ctx: distributed.Context = distributed.Context()) -> int:
@@ -615,105 +715,6 @@ def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, his
     report.write_report(cfg.save_dir, history=history, metrics=metrics, user_vectors=vectors,
                         top_category=seqs.top_category(users))
     return metrics
-
-
-def preflight(cfg, ctx: distributed.Context = distributed.Context()):
-    """Fail before the work, not after it: the save folder can be written and is this run's alone (its lock,
-    returned, is held until the run ends), and the Redis URL answers and takes its credentials. Rank 0 checks;
-    every rank stops on its verdict."""
-    lock, error = None, None
-    if ctx.is_main:
-        try:
-            if not cfg.republish:  # --republish writes nothing there
-                lock = model_io.lock_save_dir(cfg.save_dir)
-            if not cfg.no_redis:
-                redis_store.preflight(cfg.redis_url)
-        except model_io.ModelSetError as e:
-            error = f"error: {e}"
-        except redis_store.RedisExportError as e:
-            error = (f"error: {e} Nothing was read or trained: fix --redis_url, or pass --no_redis to write the "
-                     "vectors to disk only.")
-    error = distributed.broadcast(error, ctx)
-    if error:
-        if lock is not None:
-            lock.close()
-        raise SystemExit(error)
-    return lock
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    runtime.tune_malloc()
-    ctx, device = distributed.init(cfg.device)
-    lock = None
-    try:
-        lock = preflight(cfg, ctx)
-        return run(cfg, ctx, device)
-    except (data.DataError, model_io.ModelSetError) as e:  # bad input, explained in one line: a traceback would
-        raise SystemExit(f"error: {e}") from None           # only bury it (bugs keep theirs)
-    finally:
-        if lock is not None:
-            lock.close()
-        distributed.close(ctx)
-
-
-def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
-    """The whole job; under torchrun every rank runs it, rank 0 alone prints, writes files and publishes."""
-    distributed.quiet_unless_main(ctx)
-    if not ctx.is_main:
-        cfg.progress = False
-    print("config: " + json.dumps(public_config(cfg), sort_keys=True))
-    if ctx.distributed:
-        print(f"distributed: {ctx.world} processes ({ctx.backend}), a share of every batch each")
-    if cfg.export_only or cfg.republish:
-        return run_export_only(cfg, device, ctx)
-    runtime.seed_everything(cfg.seed)
-    events = read_log(cfg, ctx)
-    history, target, cutoff = split_target_day(events) if cfg.evaluate else (events, None, None)
-    # fitted once, by rank 0, and sent to the others: every rank encodes the data the same way
-    vocab = distributed.broadcast(data.Vocab.fit(history, min_item_count=cfg.min_item_count)
-                                  if ctx.is_main else None, ctx)
-    print(vocab.summary())
-    seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
-    train_users, val_users, test_users = split_users(seqs, cfg)
-    if len(train_users) < ctx.world:
-        raise SystemExit(f"error: only {len(train_users)} training users for {ctx.world} processes: every process needs "
-                         "a user in every batch (use fewer processes)")
-    print(f"training on {len(train_users)} users, validating on {len(val_users)}"
-          + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
-    # NCCL cannot all-reduce sparse gradients: on GPUs the item table is dense (and takes Adam)
-    model = build_model(cfg, vocab, sparse_item_grad=ctx.backend != "nccl").to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
-          f"in the item table)")
-    try:
-        best, history_log = train(cfg, model, seqs, train_users, val_users, device, ctx)
-    except NonFiniteLoss as e:
-        cause = (f"The training diverged: the learning rate is likely too high (try a lower --lr than {cfg.lr:g}"
-                 + (f", or a larger --tau than {cfg.tau:g}" if cfg.tau < 0.05 else "") + ").")
-        if e.best["state"] is None:
-            raise SystemExit(f"error: {e}; no epoch finished with finite results, so no weights were written and "
-                             f"nothing was exported. {cause}") from None
-        model.load_state_dict(e.best["state"])
-        if ctx.is_main:
-            model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), {"history": e.history})
-        raise SystemExit(f"error: {e}; saved the last good weights (epoch {e.best['epoch']}) to "
-                         f"{cfg.save_dir}/ and stopped before export. {cause}") from None
-    model.load_state_dict(best["state"])
-    version = ""
-    if ctx.is_main:
-        extra = {"best_epoch": best["epoch"], "history": history_log, "world_size": ctx.world}
-        if cfg.evaluate:
-            extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
-        version = model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), extra)
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
-              f"peak memory so far {peak_gb:.1f} GB")
-        if cfg.evaluate:  # the other ranks wait for it at the export's gather
-            run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
-    if cfg.evaluate:
-        seqs = make_sequences(events, vocab, "export sequences (whole log)")
-    return export(cfg, model, seqs, version, device, ctx)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,7 @@ or database number (tests/test_redis_store.py uses prefixes 'rs-*' and databases
 loopback ports (tests/test_redis_cluster.py uses prefixes 'rc-*').
 """
 
-import os
-
-# As train.py does: OpenMP's spin-wait makes the MoE's many small matmuls several times slower when the
-# cores are shared (CI runs on 2). Read once when torch loads, so it must be set before any test imports it.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import runtime  # noqa: F401  first, before any test imports torch: it sets OpenMP's wait policy (see runtime.py)
 
 import pytest  # noqa: E402
 

@@ -397,6 +397,18 @@ def test_readme_documents_every_flag():
         assert f"`--{name.lower()}`" in text, name
 
 
+@pytest.mark.parametrize("line, message", [
+    ("NEW_FLAG = 5\n", "NEW_FLAG has no comment"),
+    ("NEW_FLAG = 5  # a number nobody checks\n", "NEW_FLAG has no entry in CHECKS"),
+])
+def test_a_constant_without_help_or_check_is_an_error_not_a_silent_flag(tmp_path, line, message):
+    src = (ROOT / "train.py").read_text().replace("PROGRESS = True", line + "PROGRESS = True", 1)
+    (tmp_path / "train.py").write_text(src)
+    run = subprocess.run([sys.executable, str(tmp_path / "train.py"), "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0 and message in run.stderr
+
+
 def test_help_lists_every_constant():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
