@@ -5,16 +5,20 @@ a sigmoid gate, and always to the `n_shared_experts` shared experts. An expert i
 LayerNorm -> SwiGLU -> dropout; the outputs are mixed with the chosen experts' sigmoid scores,
 normalised to sum to 1, and added to the input (residual).
 
+As in DeepSeek-V3's inference/model.py, `Router` (its `Gate`) chooses the experts: the sigmoid gate,
+top-k selection, the balancing state and its updates, the step and epoch counts and their statistics
+(summed over the ranks when distributed). `MoE` holds the experts and dispatches the tokens to them.
+
 Load balancing changes only *which* experts are chosen, never the mixing weights:
 - 'running' (default): the seed's mechanism, updated every training step. The selection divides each
   expert's score by a penalty; `after_step()` (called by the training loop after every optimizer step)
   folds the step's counts into a running usage window (an exponential moving average) and multiplies
-  each penalty by a power of the expert's load in that window (see `update_running`), so busy experts
+  each penalty by a power of the expert's load in that window (see `Router.update_running`), so busy experts
   are chosen less and unused ones more within a few dozen steps.
 - 'seed': the scheme of the original project. Expert activations are counted during a training epoch;
   `end_epoch()` turns them into shares and, for the next epoch, the selection divides each expert's
   score by its share normalised by the mean share, so busy experts are chosen less often. Three
-  stabilisers (see `end_epoch`): the penalty compounds over epochs, the ratio is clamped and damped by
+  stabilisers (see `Router.end_epoch`): the penalty compounds over epochs, the ratio is clamped and damped by
   `penalty_power`, and an expert's step halves whenever its correction changes direction.
 - 'bias': DeepSeek-V3's auxiliary-loss-free scheme. A per-expert bias is added to the scores for
   selection only and nudged by `bias_update_speed` against the load error of each training step: the
@@ -201,29 +205,48 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
     return False
 
 
-class MoE(nn.Module):
-    """Mixture of experts: sigmoid top-k routing + shared experts, sorted grouped dispatch.
+def balance_stats(counts) -> dict:
+    """Usage statistics of per-expert activation counts (tensor or sequence, (E,)).
 
-    Experts are stored stacked, routed experts first (0..E-1), then the shared ones (E..E+S-1):
-        w_in  (E+S, D, 2H)   [gate | up] = LN(x) @ w_in[e]
-        w_out (E+S, D, H)    out = (silu(gate) * up) @ w_out[e].T   (nn.Linear layout)
-    Each expert is LayerNorm -> SwiGLU (bias-free, as in LLaMA / DeepSeek). The LayerNorm statistics are
-    the same for every expert, so they are computed once per token; each expert's LayerNorm gain is
-    merged into the rows of its w_in (the same family of functions, without a per-(token, expert) affine
-    pass over the pairs). The router sees the same normalised token.
-    Dropout acts on the mixed expert output, i.e. on every expert's output with one mask per token.
-    (w_in is (D, 2H) and w_out (D, H) per expert so that every row stride torch._grouped_mm reads is a
-    multiple of 16 bytes, whatever D.)
+    Returns dict: activations (total count), load (per-expert count / mean count, list),
+    max_violation (max load - 1), cv (coefficient of variation of the counts), dead (experts never
+    chosen), entropy (of the shares, normalised to [0, 1]; 1 = uniform).
+    """
+    c = torch.as_tensor(counts).detach().to('cpu', torch.float64).reshape(-1)
+    total = float(c.sum())
+    e = c.numel()
+    if total <= 0:
+        return {'activations': 0, 'load': [0.0] * e, 'max_violation': 0.0, 'cv': 0.0, 'dead': e, 'entropy': 0.0}
+    mean = total / e
+    load = c / mean
+    share = c / total
+    nz = share[share > 0]
+    entropy = float(-(nz * nz.log()).sum() / math.log(e)) if e > 1 else 1.0
+    return {
+        'activations': int(total),
+        'load': [round(v, 4) for v in load.tolist()],
+        'max_violation': float(load.max() - 1),
+        'cv': float(c.std(unbiased=False) / mean),
+        'dead': int((c == 0).sum()),
+        'entropy': entropy,
+    }
+
+
+class Router(nn.Module):
+    """Sigmoid top-k gate and the load-balancing state it selects with (DeepSeek-V3's `Gate`).
+
+    `forward` returns each token's top-k routed experts and their mixing weights. The balancing state
+    (penalty or bias, by `cfg.balance`) changes only which experts are selected; the weights are the
+    selected experts' unbiased scores. The layer reports the expert counts of every training call through
+    `track`; `after_step` and `end_epoch` sum the step's / epoch's counts over `process_group` and update
+    the state from them.
     """
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        d, h, e, s = cfg.dim, cfg.hidden, cfg.n_routed_experts, cfg.n_shared_experts
-        self.n_experts = e + s
-        self.gate = nn.Linear(d, e, bias=False)
-        self.w_in = nn.Parameter(torch.empty(e + s, d, 2 * h))
-        self.w_out = nn.Parameter(torch.empty(e + s, d, h))
+        e = cfg.n_routed_experts
+        self.gate = nn.Linear(cfg.dim, e, bias=False)
         # balancing state: saved with the weights, used identically in eval
         self.register_buffer('penalty', torch.ones(e))            # 'running', 'seed': selection score / penalty
         self.register_buffer('penalty_step', torch.ones(e))       # 'seed': per-expert step, halves on flips
@@ -237,18 +260,11 @@ class MoE(nn.Module):
         # Distributed training (torch.distributed): the counts of all ranks are summed before they are used,
         # so every rank balances with the same, global statistics. None = this process's counts only.
         self.process_group = None
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init (uniform +-1/sqrt(fan_in)) for every expert matrix."""
-        bound_in, bound_out = 1 / math.sqrt(self.cfg.dim), 1 / math.sqrt(self.cfg.hidden)
-        with torch.no_grad():
-            self.w_in.uniform_(-bound_in, bound_in)
-            self.w_out.uniform_(-bound_out, bound_out)
         self.gate.reset_parameters()
 
-    # ----------------------------------------------------------------------------------------- routing
-    def route(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing of normalised tokens.
 
         xn (T, D) -> weights (T, k) mixing weights (unbiased sigmoid scores, sum 1), indices (T, k).
@@ -267,45 +283,9 @@ class MoE(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True)
         return weights, indices
 
-    # ---------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, return_stats: bool = False):
-        """Route every real token through its top-k experts and the shared experts.
-
-        Dimension letters: b batch, n sequence positions, d width, t = b*n tokens, k routed experts per
-        token, e routed experts, r = t*(k+s) (token, expert) pairs.
-
-        Args:
-            x: (b, n, d) token vectors.
-            mask: (b, n) bool, True = real token; None = all real. Padded tokens are not routed, not
-                counted, and come out as their input (zero from the feature embedding).
-            return_stats: also return MoEStats (device tensors, no host sync).
-        Returns:
-            y (b, n, d), or (y, MoEStats) if return_stats.
-        """
-        b, n, d = x.shape
-        if d != self.cfg.dim:
-            raise ValueError(f"MoE expects width {self.cfg.dim}, got input of shape {tuple(x.shape)}")
-        xf = x.reshape(b * n, d)                                            # (t, d)
-        valid = None if mask is None else mask.reshape(b * n).to(torch.bool)
-        xn = F.layer_norm(xf, (d,))                                         # (t, d) shared LN statistics
-        weights, indices = self.route(xn)                                   # (t, k)
-        expert, token, w, sizes = self._pairs(weights, indices, valid)
-        counts = sizes[:self.cfg.n_routed_experts]                          # (e,) real tokens only
-        tokens = valid.sum() if valid is not None else x.new_full((), b * n, dtype=torch.long)
-        if self.training:
-            self._track(counts)
-        if _grouped_mm_supported(xf):
-            y = self._experts_grouped(xn, expert, token, w, sizes)          # (t, d)
-        else:
-            y = self._experts_split(xn, expert, token, w, sizes)
-        y = F.dropout(y, self.cfg.dropout, self.training)
-        if self.cfg.residual:
-            y = y + xf
-        y = y.view(b, n, d)
-        return (y, MoEStats(counts, tokens)) if return_stats else y
-
     @torch.no_grad()
-    def _track(self, counts: torch.Tensor) -> None:
+    def track(self, counts: torch.Tensor) -> None:
+        """Add one training call's counts (E,) to the step's and the epoch's."""
         self.epoch_counts += counts
         self.step_counts += counts
 
@@ -322,7 +302,6 @@ class MoE(nn.Module):
         elif self.cfg.balance == 'bias':
             self.update_bias(counts)
         self.step_counts.zero_()
-
     @torch.no_grad()
     def update_running(self, counts: torch.Tensor) -> None:
         """'running' update from one step's counts (E,) on the device; no host sync.
@@ -352,17 +331,176 @@ class MoE(nn.Module):
         log_penalty = (log_penalty - log_penalty.mean()).clamp_(-bound, bound)
         self.penalty.copy_(torch.where(seen, log_penalty.exp(), self.penalty))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Files saved before the 'running' mode have no usage window: start it empty (strict loading)."""
-        state_dict.setdefault(prefix + 'usage', torch.zeros_like(self.usage))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor) -> None:
         """DeepSeek-V3 aux-loss-free update: bias += speed * sign(mean load - load), counts (E,) on the
         device: under-loaded experts become likelier to be chosen, over-loaded ones less."""
         load = counts.float()
         self.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+
+    @torch.no_grad()
+    def end_epoch(self) -> dict:
+        """Close a training epoch: update the seed penalty from this epoch's usage and report it.
+
+        load = share / mean share (activation counts of this epoch). The seed divides the selection
+        scores by load. Here, per expert e:
+            ratio = clamp(load, penalty_min, penalty_max) ** penalty_power
+            penalty = clamp(penalty * ratio ** step, penalty_min, penalty_max)
+        - compounding: the next epoch's shares are measured under the penalty in force, so a penalty
+          recomputed from scratch would switch itself off once it works and oscillate with period 2;
+        - step (1 at first) halves whenever the expert's correction changes direction: an expert whose
+          score is high for all tokens balances only on a knife edge of its penalty, which the halving
+          homes in on by bisection instead of jumping across it every epoch.
+        With penalty_power = 1 the first epoch is exactly the seed's rule. With a process_group the
+        counts are the sum over its ranks (every rank must call this), and the stats add 'rank_load', each
+        rank's own counts. Returns balance_stats of the epoch plus the penalty and bias ranges and
+        'step_max_violation', the max-violation of each after_step() of the epoch (global counts).
+        """
+        counts = self._global(self.epoch_counts)
+        rank_counts = self._per_rank(self.epoch_counts)
+        stats = balance_stats(counts)
+        if rank_counts is not None:
+            stats['rank_load'] = rank_counts.tolist()
+        if self.cfg.balance == 'seed' and stats['activations'] > 0:
+            cfg = self.cfg
+            load = counts.float() / counts.float().mean()
+            log_ratio = cfg.penalty_power * load.clamp(cfg.penalty_min, cfg.penalty_max).log()
+            sign = torch.sign(log_ratio)
+            self.penalty_step.mul_(torch.where(sign * self.penalty_sign < 0, 0.5, 1.0))
+            self.penalty_sign.copy_(torch.where(sign != 0, sign, self.penalty_sign))
+            self.penalty.mul_(torch.exp(self.penalty_step * log_ratio)).clamp_(cfg.penalty_min, cfg.penalty_max)
+        self.epoch_counts.zero_()
+        stats['penalty_min'] = float(self.penalty.min())
+        stats['penalty_max'] = float(self.penalty.max())
+        stats['bias_min'] = float(self.bias.min())
+        stats['bias_max'] = float(self.bias.max())
+        stats['step_max_violation'] = torch.stack(self.step_violations).tolist() if self.step_violations else []
+        self.step_violations = []
+        return stats
+
+    def _global(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts summed over the process group (a copy; the local counter is left alone)."""
+        counts = counts.clone()
+        if self.process_group is not None:
+            dist.all_reduce(counts, group=self.process_group)
+        return counts
+
+    def _per_rank(self, counts: torch.Tensor) -> Optional[torch.Tensor]:
+        """(world, E) every rank's counts, or None without a process group."""
+        if self.process_group is None:
+            return None
+        parts = [torch.empty_like(counts) for _ in range(dist.get_world_size(self.process_group))]
+        dist.all_gather(parts, counts.contiguous(), group=self.process_group)
+        return torch.stack(parts).cpu()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Files saved before the 'running' mode have no usage window: start it empty (strict loading)."""
+        state_dict.setdefault(prefix + 'usage', torch.zeros_like(self.usage))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# Keys of the router's state that moe_layer.pth files saved before the Router module (up to commit
+# 087420d) hold at the layer's top level; MoE loads them under 'router.'.
+_PRE_ROUTER_KEYS = ('gate.weight', 'penalty', 'penalty_step', 'penalty_sign', 'bias', 'usage')
+
+
+class MoE(nn.Module):
+    """Mixture of experts: a `Router` (sigmoid top-k + balancing) + shared experts, sorted grouped dispatch.
+
+    Experts are stored stacked, routed experts first (0..E-1), then the shared ones (E..E+S-1):
+        w_in  (E+S, D, 2H)   [gate | up] = LN(x) @ w_in[e]
+        w_out (E+S, D, H)    out = (silu(gate) * up) @ w_out[e].T   (nn.Linear layout)
+    Each expert is LayerNorm -> SwiGLU (bias-free, as in LLaMA / DeepSeek). The LayerNorm statistics are
+    the same for every expert, so they are computed once per token; each expert's LayerNorm gain is
+    merged into the rows of its w_in (the same family of functions, without a per-(token, expert) affine
+    pass over the pairs). The router sees the same normalised token.
+    Dropout acts on the mixed expert output, i.e. on every expert's output with one mask per token.
+    (w_in is (D, 2H) and w_out (D, H) per expert so that every row stride torch._grouped_mm reads is a
+    multiple of 16 bytes, whatever D.)
+    The training loop calls `after_step()` after every optimizer step and `end_epoch()` after every
+    epoch; both are the router's (balancing updates and statistics).
+    """
+
+    balance_stats = staticmethod(balance_stats)
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h, e, s = cfg.dim, cfg.hidden, cfg.n_routed_experts, cfg.n_shared_experts
+        self.n_experts = e + s
+        self.router = Router(cfg)             # first: its gate draws its init from the RNG before the experts
+        self.w_in = nn.Parameter(torch.empty(e + s, d, 2 * h))
+        self.w_out = nn.Parameter(torch.empty(e + s, d, h))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init (uniform +-1/sqrt(fan_in)) for every expert matrix, then the gate's."""
+        bound_in, bound_out = 1 / math.sqrt(self.cfg.dim), 1 / math.sqrt(self.cfg.hidden)
+        with torch.no_grad():
+            self.w_in.uniform_(-bound_in, bound_in)
+            self.w_out.uniform_(-bound_out, bound_out)
+        self.router.reset_parameters()
+
+    @property
+    def process_group(self):
+        """The torch.distributed group whose counts the router sums (None: this process's only)."""
+        return self.router.process_group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        self.router.process_group = group
+
+    def after_step(self) -> None:
+        """Router.after_step: once after every optimizer step (every rank, with a process_group)."""
+        self.router.after_step()
+
+    def end_epoch(self) -> dict:
+        """Router.end_epoch: close a training epoch; returns its balance statistics."""
+        return self.router.end_epoch()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Files saved before the Router module hold its state at the top level: load it under 'router.'."""
+        for key in _PRE_ROUTER_KEYS:
+            old, new = prefix + key, prefix + 'router.' + key
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, return_stats: bool = False):
+        """Route every real token through its top-k experts and the shared experts.
+
+        Dimension letters: b batch, n sequence positions, d width, t = b*n tokens, k routed experts per
+        token, e routed experts, r = t*(k+s) (token, expert) pairs.
+
+        Args:
+            x: (b, n, d) token vectors.
+            mask: (b, n) bool, True = real token; None = all real. Padded tokens are not routed, not
+                counted, and come out as their input (zero from the feature embedding).
+            return_stats: also return MoEStats (device tensors, no host sync).
+        Returns:
+            y (b, n, d), or (y, MoEStats) if return_stats.
+        """
+        b, n, d = x.shape
+        if d != self.cfg.dim:
+            raise ValueError(f"MoE expects width {self.cfg.dim}, got input of shape {tuple(x.shape)}")
+        xf = x.reshape(b * n, d)                                            # (t, d)
+        valid = None if mask is None else mask.reshape(b * n).to(torch.bool)
+        xn = F.layer_norm(xf, (d,))                                         # (t, d) shared LN statistics
+        weights, indices = self.router(xn)                                  # (t, k)
+        expert, token, w, sizes = self._pairs(weights, indices, valid)
+        counts = sizes[:self.cfg.n_routed_experts]                          # (e,) real tokens only
+        tokens = valid.sum() if valid is not None else x.new_full((), b * n, dtype=torch.long)
+        if self.training:
+            self.router.track(counts)
+        if _grouped_mm_supported(xf):
+            y = self._experts_grouped(xn, expert, token, w, sizes)          # (t, d)
+        else:
+            y = self._experts_split(xn, expert, token, w, sizes)
+        y = F.dropout(y, self.cfg.dropout, self.training)
+        if self.cfg.residual:
+            y = y + xf
+        y = y.view(b, n, d)
+        return (y, MoEStats(counts, tokens)) if return_stats else y
 
     def _pairs(self, weights: torch.Tensor, indices: torch.Tensor, valid: Optional[torch.Tensor]):
         """(token, expert) pairs sorted by expert.
@@ -415,7 +553,7 @@ class MoE(nn.Module):
         b, n, d = x.shape
         xf = x.reshape(b * n, d)
         xn = F.layer_norm(xf, (d,))
-        weights, indices = self.route(xn)
+        weights, indices = self.router(xn)
         e, s = self.cfg.n_routed_experts, self.cfg.n_shared_experts
         if s:
             indices = torch.cat([indices, torch.arange(e, e + s, device=x.device).expand(b * n, s)], 1)
@@ -435,90 +573,6 @@ class MoE(nn.Module):
         if self.cfg.residual:
             y = y + xf
         return y.view(b, n, d)
-
-    # -------------------------------------------------------------------------------------- balancing
-    @torch.no_grad()
-    def end_epoch(self) -> dict:
-        """Close a training epoch: update the seed penalty from this epoch's usage and report it.
-
-        load = share / mean share (activation counts of this epoch). The seed divides the selection
-        scores by load. Here, per expert e:
-            ratio = clamp(load, penalty_min, penalty_max) ** penalty_power
-            penalty = clamp(penalty * ratio ** step, penalty_min, penalty_max)
-        - compounding: the next epoch's shares are measured under the penalty in force, so a penalty
-          recomputed from scratch would switch itself off once it works and oscillate with period 2;
-        - step (1 at first) halves whenever the expert's correction changes direction: an expert whose
-          score is high for all tokens balances only on a knife edge of its penalty, which the halving
-          homes in on by bisection instead of jumping across it every epoch.
-        With penalty_power = 1 the first epoch is exactly the seed's rule. With a process_group the
-        counts are the sum over its ranks (every rank must call this), and the stats add 'rank_load', each
-        rank's own counts. Returns balance_stats of the epoch plus the penalty and bias ranges and
-        'step_max_violation', the max-violation of each after_step() of the epoch (global counts).
-        """
-        counts = self._global(self.epoch_counts)
-        rank_counts = self._per_rank(self.epoch_counts)
-        stats = self.balance_stats(counts)
-        if rank_counts is not None:
-            stats['rank_load'] = rank_counts.tolist()
-        if self.cfg.balance == 'seed' and stats['activations'] > 0:
-            cfg = self.cfg
-            load = counts.float() / counts.float().mean()
-            log_ratio = cfg.penalty_power * load.clamp(cfg.penalty_min, cfg.penalty_max).log()
-            sign = torch.sign(log_ratio)
-            self.penalty_step.mul_(torch.where(sign * self.penalty_sign < 0, 0.5, 1.0))
-            self.penalty_sign.copy_(torch.where(sign != 0, sign, self.penalty_sign))
-            self.penalty.mul_(torch.exp(self.penalty_step * log_ratio)).clamp_(cfg.penalty_min, cfg.penalty_max)
-        self.epoch_counts.zero_()
-        stats['penalty_min'] = float(self.penalty.min())
-        stats['penalty_max'] = float(self.penalty.max())
-        stats['bias_min'] = float(self.bias.min())
-        stats['bias_max'] = float(self.bias.max())
-        stats['step_max_violation'] = torch.stack(self.step_violations).tolist() if self.step_violations else []
-        self.step_violations = []
-        return stats
-
-    def _global(self, counts: torch.Tensor) -> torch.Tensor:
-        """counts summed over the process group (a copy; the local counter is left alone)."""
-        counts = counts.clone()
-        if self.process_group is not None:
-            dist.all_reduce(counts, group=self.process_group)
-        return counts
-
-    def _per_rank(self, counts: torch.Tensor) -> Optional[torch.Tensor]:
-        """(world, E) every rank's counts, or None without a process group."""
-        if self.process_group is None:
-            return None
-        parts = [torch.empty_like(counts) for _ in range(dist.get_world_size(self.process_group))]
-        dist.all_gather(parts, counts.contiguous(), group=self.process_group)
-        return torch.stack(parts).cpu()
-
-    @staticmethod
-    def balance_stats(counts) -> dict:
-        """Usage statistics of per-expert activation counts (tensor or sequence, (E,)).
-
-        Returns dict: activations (total count), load (per-expert count / mean count, list),
-        max_violation (max load - 1), cv (coefficient of variation of the counts), dead (experts never
-        chosen), entropy (of the shares, normalised to [0, 1]; 1 = uniform).
-        """
-        c = torch.as_tensor(counts).detach().to('cpu', torch.float64).reshape(-1)
-        total = float(c.sum())
-        e = c.numel()
-        if total <= 0:
-            return {'activations': 0, 'load': [0.0] * e, 'max_violation': 0.0, 'cv': 0.0, 'dead': e, 'entropy': 0.0}
-        mean = total / e
-        load = c / mean
-        share = c / total
-        nz = share[share > 0]
-        entropy = float(-(nz * nz.log()).sum() / math.log(e)) if e > 1 else 1.0
-        return {
-            'activations': int(total),
-            'load': [round(v, 4) for v in load.tolist()],
-            'max_violation': float(load.max() - 1),
-            'cv': float(c.std(unbiased=False) / mean),
-            'dead': int((c == 0).sum()),
-            'entropy': entropy,
-        }
-
 
 
 if __name__ == '__main__':

@@ -77,7 +77,7 @@ def test_expert_counts_are_global_and_equal_the_single_process_counts(runs):
         assert e1["train_loss"] == pytest.approx(e2["train_loss"], rel=1e-3)
     s1 = torch.load(runs["one"] / "moe_layer.pth")
     s2 = torch.load(runs["two"] / "moe_layer.pth")
-    assert torch.allclose(s1["penalty"], s2["penalty"], rtol=0.05)  # the balancing state all ranks routed with
+    assert torch.allclose(s1["router.penalty"], s2["router.penalty"], rtol=0.05)  # the balancing state all ranks routed with
 
 
 def test_one_process_writes_prints_and_publishes(runs):

@@ -1,5 +1,6 @@
 """Tests of DeepSeekMoE: shapes, sorted dispatch vs the reference loop, routing, masking, balancing, state."""
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +8,12 @@ import torch
 import report
 from DeepSeekMoE import MoE, MoEConfig, MoEStats
 
-# The state_dict keys of moe_layer.pth files saved before the 'running' mode existed.
-OLD_STATE_KEYS = {'gate.weight', 'w_in', 'w_out', 'penalty', 'penalty_step', 'penalty_sign', 'bias'}
+STATE_KEYS = {'w_in', 'w_out', 'router.gate.weight', 'router.penalty', 'router.penalty_step', 'router.penalty_sign',
+              'router.bias', 'router.usage'}
+# moe_layer.pth states saved before the Router module existed (its keys at the top level), one case per
+# balancing mode and 'seed_no_usage' from before the 'running' mode, each with an input and its output.
+# Written by tests/fixtures/make_moe_layer_v1.py (git show 9a37bc8:tests/fixtures/make_moe_layer_v1.py).
+PRE_ROUTER_FIXTURE = Path(__file__).parent / 'fixtures' / 'moe_layer_v1.pt'
 
 
 def tiny(**kw) -> MoEConfig:
@@ -73,7 +78,7 @@ def test_topk_respects_k_and_weights_sum_to_one():
     for k in (1, 2, 3):
         moe = MoE(tiny(n_activated=k))
         xn = torch.nn.functional.layer_norm(torch.randn(40, 16), (16,))
-        weights, indices = moe.route(xn)
+        weights, indices = moe.router(xn)
         assert indices.shape == (40, k) and weights.shape == (40, k)
         assert all(len(set(row)) == k for row in indices.tolist())      # k distinct experts per token
         torch.testing.assert_close(weights.sum(-1), torch.ones(40))
@@ -96,7 +101,7 @@ def test_padded_tokens_never_counted_and_pass_through():
     y2, stats2 = moe(x2, mask, return_stats=True)
     assert torch.equal(stats2.counts, stats.counts)
     torch.testing.assert_close(y2[mask], y[mask])
-    assert int(moe.epoch_counts.sum()) == 3 * 2 * 11                      # three training calls, pads excluded
+    assert int(moe.router.epoch_counts.sum()) == 3 * 2 * 11               # three training calls, pads excluded
 
 
 def test_all_padding_batch_and_finite_gradients():
@@ -115,7 +120,7 @@ def skewed_moe(balance, n_experts=8, **kw):
     moe = MoE(tiny(n_routed_experts=n_experts, balance=balance, **kw))
     u = torch.nn.functional.normalize(torch.randn(16), dim=0)
     with torch.no_grad():
-        moe.gate.weight[0] += 4 * u
+        moe.router.gate.weight[0] += 4 * u
     batches = [torch.randn(4, 32, 16) + u for _ in range(6)]
     return moe, batches
 
@@ -144,8 +149,8 @@ def test_balancing_moves_skewed_router_toward_uniform(balance, kw):
     assert history[-1]['dead'] == 0
     # balancing changes the selection only: mixing weights are the chosen experts' unbiased scores
     xn = torch.nn.functional.layer_norm(batches[0].view(-1, 16), (16,))
-    weights, indices = moe.route(xn)
-    scores = torch.sigmoid(moe.gate(xn)).gather(1, indices)
+    weights, indices = moe.router(xn)
+    scores = torch.sigmoid(moe.router.gate(xn)).gather(1, indices)
     torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True))
     torch.testing.assert_close(weights.sum(-1), torch.ones(len(xn)))
 
@@ -154,7 +159,7 @@ def test_no_balancing_keeps_the_skew():
     moe, batches = skewed_moe('none')
     history = run_epochs(moe, batches, 3)
     assert history[0]['max_violation'] == history[-1]['max_violation']
-    assert torch.equal(moe.penalty, torch.ones(8)) and torch.equal(moe.bias, torch.zeros(8))
+    assert torch.equal(moe.router.penalty, torch.ones(8)) and torch.equal(moe.router.bias, torch.zeros(8))
 
 
 def test_end_epoch_resets_and_reports():
@@ -164,11 +169,11 @@ def test_end_epoch_resets_and_reports():
     report = moe.end_epoch()
     assert {'activations', 'load', 'max_violation', 'cv', 'dead', 'entropy'} <= set(report)
     assert report['activations'] == 4 * 32 * 2 and len(report['load']) == 8
-    assert int(moe.epoch_counts.sum()) == 0
-    assert moe.penalty.max() > 1 >= moe.penalty.min()          # the busy expert is penalised
+    assert int(moe.router.epoch_counts.sum()) == 0
+    assert moe.router.penalty.max() > 1 >= moe.router.penalty.min()  # the busy expert is penalised
     moe.eval()
     moe(batches[0])
-    assert int(moe.epoch_counts.sum()) == 0                    # eval calls are not counted
+    assert int(moe.router.epoch_counts.sum()) == 0             # eval calls are not counted
 
 
 def test_balance_stats_on_known_counts():
@@ -191,7 +196,7 @@ def test_eval_deterministic_and_state_dict_round_trip(balance):
     y2, s2 = moe(x, mask, return_stats=True)
     assert torch.equal(y1, y2) and torch.equal(s1.counts, s2.counts)
     state = moe.state_dict()
-    assert set(state) == OLD_STATE_KEYS | {'usage'}            # transient counters are not saved
+    assert set(state) == STATE_KEYS                            # transient counters are not saved
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -200,7 +205,7 @@ def test_eval_deterministic_and_state_dict_round_trip(balance):
     fresh.eval()
     y3, s3 = fresh(x, mask, return_stats=True)
     assert torch.equal(y1, y3) and torch.equal(s1.counts, s3.counts)
-    for key in ('penalty', 'usage', 'bias'):
+    for key in ('router.penalty', 'router.usage', 'router.bias'):
         assert torch.equal(fresh.state_dict()[key], state[key]), key
 
 
@@ -221,15 +226,15 @@ def test_bias_moves_once_per_after_step():
     with torch.no_grad():
         moe(batches[0])
         moe(batches[1])
-    assert torch.equal(moe.bias, torch.zeros(8))               # forward alone never moves it
+    assert torch.equal(moe.router.bias, torch.zeros(8))        # forward alone never moves it
     moe.after_step()
-    assert moe.bias[0] == pytest.approx(-1e-2)                 # the over-loaded expert is pushed down
-    assert (moe.bias > 0).any() and int(moe.step_counts.sum()) == 0
+    assert moe.router.bias[0] == pytest.approx(-1e-2)          # the over-loaded expert is pushed down
+    assert (moe.router.bias > 0).any() and int(moe.router.step_counts.sum()) == 0
     seed_moe, _ = skewed_moe('seed')
     seed_moe.train()
     seed_moe(batches[0])
     seed_moe.after_step()
-    assert torch.equal(seed_moe.bias, torch.zeros(8)) and torch.equal(seed_moe.penalty, torch.ones(8))
+    assert torch.equal(seed_moe.router.bias, torch.zeros(8)) and torch.equal(seed_moe.router.penalty, torch.ones(8))
 
 
 def dead_experts_moe(balance):
@@ -238,8 +243,8 @@ def dead_experts_moe(balance):
     moe = MoE(tiny(n_routed_experts=8, balance=balance))
     u = torch.nn.functional.layer_norm(torch.randn(16), (16,))   # a direction every token shares
     with torch.no_grad():
-        moe.gate.weight[0] += u / 16
-        moe.gate.weight[6:] -= 8 * u / 16
+        moe.router.gate.weight[0] += u / 16
+        moe.router.gate.weight[6:] -= 8 * u / 16
     batches = [torch.randn(8, 64, 16) + 2 * u for _ in range(6)]
     return moe, batches
 
@@ -251,7 +256,7 @@ def test_running_balances_within_steps_and_revives_dead_experts():
     assert history[1]['dead'] == 0 and history[2]['max_violation'] < 0.15          # within 12 / 18 steps
     assert history[-1]['dead'] == 0 and history[-1]['max_violation'] < 0.05
     assert max(history[-1]['step_max_violation']) < 0.3      # every single step, not just the epoch's sum
-    assert moe.penalty[6:].max() < 0.1 < 2 < moe.penalty[0]     # far beyond the seed's [0.5, 4] clamps
+    assert moe.router.penalty[6:].max() < 0.1 < 2 < moe.router.penalty[0]  # far beyond the seed's [0.5, 4] clamps
     seed, _ = dead_experts_moe('seed')                         # the epoch rule leaves them dead
     assert run_epochs(seed, batches, 5)[-1]['dead'] == 2
 
@@ -260,13 +265,13 @@ def test_running_updates_every_step_and_keeps_mixing_weights():
     moe, batches = dead_experts_moe('running')
     moe.train()
     xn = torch.nn.functional.layer_norm(batches[0].view(-1, 16), (16,))
-    w0, i0 = moe.route(xn)
+    w0, i0 = moe.router(xn)
     with torch.no_grad():
         moe(batches[0])
-    assert torch.equal(moe.penalty, torch.ones(8))             # forward alone never moves it
+    assert torch.equal(moe.router.penalty, torch.ones(8))      # forward alone never moves it
     moe.after_step()
-    assert moe.penalty[0] > 1 > moe.penalty[6]                 # busy up, dead down, after one step
-    assert moe.penalty.log().mean().abs() < 1e-5               # re-centred: only ratios matter
+    assert moe.router.penalty[0] > 1 > moe.router.penalty[6]   # busy up, dead down, after one step
+    assert moe.router.penalty.log().mean().abs() < 1e-5        # re-centred: only ratios matter
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     moe.after_step()                                           # a step without tokens changes nothing
     for key, value in moe.state_dict().items():
@@ -275,9 +280,9 @@ def test_running_updates_every_step_and_keeps_mixing_weights():
         with torch.no_grad():
             moe(x)
         moe.after_step()
-    w1, i1 = moe.route(xn)
+    w1, i1 = moe.router(xn)
     assert not torch.equal(i0, i1)                             # the penalty changed the selection ...
-    scores = torch.sigmoid(moe.gate(xn)).gather(1, i1)
+    scores = torch.sigmoid(moe.router.gate(xn)).gather(1, i1)
     torch.testing.assert_close(w1, scores / scores.sum(-1, keepdim=True))   # ... not the mixing weights
     stats = moe.end_epoch()
     assert len(stats['step_max_violation']) == 2 + 3 * len(batches)
@@ -305,23 +310,47 @@ def test_seed_updates_only_at_end_epoch_with_the_epoch_rule():
             _, stats = moe(x, return_stats=True)
         counts += stats.counts
         moe.after_step()
-        assert torch.equal(moe.penalty, torch.ones(8))         # after_step leaves the seed penalty alone
+        assert torch.equal(moe.router.penalty, torch.ones(8))  # after_step leaves the seed penalty alone
     moe.end_epoch()
     load = counts.float() / counts.float().mean()
-    torch.testing.assert_close(moe.penalty, load.clamp(0.5, 4.0).sqrt().clamp(0.5, 4.0))   # first epoch's rule
+    torch.testing.assert_close(moe.router.penalty, load.clamp(0.5, 4.0).sqrt().clamp(0.5, 4.0))  # first epoch's rule
 
 
-@pytest.mark.parametrize('balance', ['running', 'seed'])
-def test_old_state_dict_without_usage_window_loads(balance):
-    assert MoEConfig().balance == 'running'
-    state = {k: v.clone() for k, v in MoE(tiny(n_routed_experts=8)).state_dict().items() if k in OLD_STATE_KEYS}
-    state['penalty'] = torch.linspace(0.5, 4.0, 8)
-    moe = MoE(tiny(n_routed_experts=8, balance=balance))
+@pytest.mark.parametrize('case', ['running', 'seed', 'bias', 'seed_no_usage'])
+def test_pre_router_state_dict_loads_strictly_and_reproduces_its_output(case):
+    saved = torch.load(PRE_ROUTER_FIXTURE, weights_only=True)[case]
+    state = saved['state']
+    keys = list(state)
+    assert 'gate.weight' in keys and ('usage' in keys) == (case != 'seed_no_usage')
+    moe = MoE(MoEConfig(**saved['config']))
     with torch.no_grad():
-        moe.usage.fill_(3.0)                                   # whatever was there is replaced by the empty window
+        moe.router.usage.fill_(3.0)                            # replaced, by the empty window if the file has none
     moe.load_state_dict(state)                                 # strict
-    assert torch.equal(moe.penalty, state['penalty']) and torch.equal(moe.usage, torch.zeros(8))
-    assert set(state) == OLD_STATE_KEYS                        # the caller's dict is left as it was
+    assert list(state) == keys                                 # the caller's dict is left as it was
+    for key in ('gate.weight', 'penalty', 'penalty_step', 'penalty_sign', 'bias', 'usage'):
+        assert torch.equal(moe.router.state_dict()[key], state.get(key, torch.zeros(4))), key
+    nested = torch.nn.ModuleDict({'moe_layer': MoE(MoEConfig(**saved['config']))})   # a whole model's state_dict
+    nested.load_state_dict({'moe_layer.' + k: v for k, v in state.items()})
+    for layer in (moe, nested['moe_layer']):
+        layer.eval()
+        with torch.no_grad():
+            y, stats = layer(saved['x'], saved['mask'], return_stats=True)
+        assert torch.equal(y, saved['y']) and torch.equal(stats.counts, saved['counts'])
+
+
+def test_layer_delegates_balancing_to_its_router():
+    torch.manual_seed(8)
+    moe = MoE(tiny())
+    assert [n for n, _ in moe.named_parameters()] == ['w_in', 'w_out', 'router.gate.weight']   # optimizer order
+    moe.process_group = 'group'                                # what distributed.wrap sets on the layer
+    assert moe.router.process_group == 'group' == moe.process_group
+    moe.process_group = None
+    moe.train()
+    _, stats = moe(torch.randn(2, 5, 16), return_stats=True)
+    assert torch.equal(moe.router.step_counts, stats.counts)
+    moe.after_step()
+    assert int(moe.router.step_counts.sum()) == 0 and not torch.equal(moe.router.penalty, torch.ones(6))
+    assert moe.end_epoch()['activations'] == 2 * 10 and int(moe.router.epoch_counts.sum()) == 0
 
 
 def test_expert_report_plots_step_violations_when_present(tmp_path):
