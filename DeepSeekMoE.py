@@ -545,35 +545,6 @@ class MoE(nn.Module):
         out = torch.cat(outs).to(xn.dtype) if outs else z
         return xn.new_zeros(t, d).index_add_(0, token, out * w.unsqueeze(1).to(xn.dtype))
 
-    def forward_reference(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Naive per-expert loop with host-side counts; the same routing and maths as forward.
-
-        For tests and benchmarks only: it neither tracks usage nor updates the balancing state.
-        """
-        b, n, d = x.shape
-        xf = x.reshape(b * n, d)
-        xn = F.layer_norm(xf, (d,))
-        weights, indices = self.router(xn)
-        e, s = self.cfg.n_routed_experts, self.cfg.n_shared_experts
-        if s:
-            indices = torch.cat([indices, torch.arange(e, e + s, device=x.device).expand(b * n, s)], 1)
-            weights = torch.cat([weights, weights.new_ones(b * n, s)], 1)
-        if mask is not None:
-            indices = indices.masked_fill(~mask.reshape(-1, 1).to(torch.bool), e + s)
-        y = torch.zeros_like(xf)
-        for i in range(e + s):
-            chosen = indices == i                                           # (t, k+s)
-            if chosen.sum().item() == 0:
-                continue
-            tok, slot = chosen.nonzero(as_tuple=True)
-            gate, up = (xn[tok] @ self.w_in[i]).chunk(2, dim=-1)
-            out = (F.silu(gate) * up) @ self.w_out[i].t()
-            y = y.index_add(0, tok, out * weights[tok, slot].unsqueeze(1))
-        y = F.dropout(y, self.cfg.dropout, self.training)
-        if self.cfg.residual:
-            y = y + xf
-        return y.view(b, n, d)
-
 
 if __name__ == '__main__':
     torch.manual_seed(0)

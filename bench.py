@@ -378,7 +378,8 @@ def _task_moe(tokens: int, dim: int, hidden: int, experts: int, k: int, shared: 
     grad = torch.randn(1, tokens, dim)
     variants = {'dense': (dense, list(dense.parameters())), 'moe': (moe, list(moe.parameters()))}
     if naive:
-        variants['naive'] = (moe.forward_reference, list(moe.parameters()))
+        from tests.moe_reference import forward_reference     # the test oracle (HERE is on sys.path)
+        variants['naive'] = (lambda x: forward_reference(moe, x), list(moe.parameters()))
     for fn, params in variants.values():      # warm-up: allocator, thread pool, kernels
         _fwd_bwd_seconds(fn, x, grad, params)
     names = list(variants)
