@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import report
-from DeepSeekMoE import MoE, MoEConfig, MoEStats
+from DeepSeekMoE import MoE, MoEConfig, MoEStats, Router
 from moe_reference import forward_reference
 
 STATE_KEYS = {'w_in', 'w_out', 'router.gate.weight', 'router.penalty', 'router.penalty_step', 'router.penalty_sign',
@@ -337,6 +337,36 @@ def test_pre_router_state_dict_loads_strictly_and_reproduces_its_output(case):
         with torch.no_grad():
             y, stats = layer(saved['x'], saved['mask'], return_stats=True)
         assert torch.equal(y, saved['y']) and torch.equal(stats.counts, saved['counts'])
+
+
+def test_router_selects_with_the_balancing_state_and_mixes_with_the_scores():
+    """Hand-made scores (identity gate on logits): the penalty / bias changes the choice, not the weights."""
+    scores = torch.tensor([[0.9, 0.8, 0.3, 0.1],
+                           [0.2, 0.7, 0.6, 0.5]])
+
+    def route(balance, **state):
+        router = Router(MoEConfig(dim=4, n_routed_experts=4, n_activated=2, hidden=8, balance=balance))
+        with torch.no_grad():
+            router.gate.weight.copy_(torch.eye(4))
+            for name, value in state.items():
+                getattr(router, name).copy_(torch.tensor(value))
+        weights, indices = router(torch.logit(scores))
+        indices, order = indices.sort(-1)
+        return indices.tolist(), weights.gather(1, order)
+
+    def mixed(rows):                                           # the chosen scores, normalised per token
+        w = scores.gather(1, torch.tensor(rows))
+        return w / w.sum(-1, keepdim=True)
+
+    cases = [(('none', {}), [[0, 1], [1, 2]]),
+             (('running', {'penalty': [4.0, 1.0, 1.0, 1.0]}), [[1, 2], [1, 2]]),     # score 0.9 / 4 loses
+             (('seed', {'penalty': [1.0, 1.0, 0.25, 1.0]}), [[0, 2], [1, 2]]),       # 0.3 / 0.25 wins
+             (('bias', {'bias': [0.0, 0.0, -0.5, 0.5]}), [[0, 1], [1, 3]]),          # 0.5 + 0.5 wins
+             (('none', {'penalty': [4.0, 1.0, 1.0, 1.0], 'bias': [0.0, 0.0, 0.0, 9.0]}), [[0, 1], [1, 2]])]
+    for (balance, state), expected in cases:
+        indices, weights = route(balance, **state)
+        assert indices == expected, balance
+        torch.testing.assert_close(weights, mixed(expected))
 
 
 def test_layer_delegates_balancing_to_its_router():
