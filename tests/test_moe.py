@@ -336,7 +336,9 @@ def test_pre_router_state_dict_loads_strictly_and_reproduces_its_output(case):
         layer.eval()
         with torch.no_grad():
             y, stats = layer(saved['x'], saved['mask'], return_stats=True)
-        assert torch.equal(y, saved['y']) and torch.equal(stats.counts, saved['counts'])
+        # routing (counts) must match exactly; the output to rounding, which another CPU's kernels may change
+        assert torch.equal(stats.counts, saved['counts'])
+        torch.testing.assert_close(y, saved['y'], atol=1e-6, rtol=1e-6)
 
 
 def test_router_selects_with_the_balancing_state_and_mixes_with_the_scores():
