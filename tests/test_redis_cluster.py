@@ -12,7 +12,9 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+import redis_servers
 import redis_store as rs
+import redis_writer
 from redis_store import RedisExportError
 
 HINT = 'python train.py --republish --save_dir saved_models --redis_url URL'
@@ -97,7 +99,7 @@ def test_every_vector_round_trips_and_spreads_over_all_nodes(client, reader, nod
 
 def test_pipeline_writer_on_a_cluster(client, reader, monkeypatch):
     """The generic redis-py writer (cluster pipelines grouped by node) gives the same keys."""
-    monkeypatch.setattr(rs, '_uses_raw_resp', lambda c: False)
+    monkeypatch.setattr(redis_writer, '_uses_raw_resp', lambda c: False)
     ids, x = np.arange(700), vectors(700, 8, 3)
     rs.publish(client, ids, x, prefix='rc-pipe:', version='p', ttl=300, batch_size=100, progress=False)
     for i in range(700):
@@ -108,14 +110,14 @@ def test_pipeline_writer_on_a_cluster(client, reader, monkeypatch):
 def test_batches_sent_to_a_stale_slot_owner_are_rewritten(redis_cluster, reader, monkeypatch):
     """A slot that moved while publishing answers MOVED: those batches are rewritten through redis-py
     and every vector still lands, counted once."""
-    rewritten, write_with_pipelines = [], rs._write_with_pipelines
+    rewritten, write_with_pipelines = [], redis_writer._write_with_pipelines
 
     def spy(client, batches, ttl, on_ack):
         batches = list(batches)
         rewritten.extend(len(b.keys) for b in batches)
         write_with_pipelines(client, batches, ttl, on_ack)
 
-    monkeypatch.setattr(rs, '_write_with_pipelines', spy)
+    monkeypatch.setattr(redis_writer, '_write_with_pipelines', spy)
     client = rs.connect(redis_cluster.url)
     cache = client.nodes_manager.slots_cache
     first, second = client.get_primaries()[:2]
@@ -240,7 +242,7 @@ def test_plain_url_naming_a_cluster_node_is_refused(redis_cluster):
 
 
 def test_unreachable_and_bad_cluster_urls_are_clear(redis_server):
-    port = rs.free_port()
+    port = redis_servers.free_port()
     with pytest.raises(RedisExportError, match='cannot reach the Redis Cluster') as e:
         rs.connect(f'redis+cluster://:pw@127.0.0.1:{port}', vectors_path='v.npz', republish_hint=HINT)
     assert 'safe on disk at v.npz' in str(e.value) and HINT in str(e.value) and ':pw@' not in str(e.value)
@@ -254,7 +256,7 @@ def test_unreachable_and_bad_cluster_urls_are_clear(redis_server):
 
 
 def test_cluster_auth_and_down_errors_are_clear():
-    with rs.start_test_cluster(1, password='s3cret') as cluster:
+    with redis_servers.start_test_cluster(1, password='s3cret') as cluster:
         port = cluster.nodes[0].port
         with pytest.raises(RedisExportError, match='needs a password'):
             rs.connect(f'redis+cluster://127.0.0.1:{port}')
@@ -271,7 +273,7 @@ def test_cluster_auth_and_down_errors_are_clear():
 
 
 def test_primary_dying_mid_publish_then_cluster_down_are_clear(tmp_path):
-    with rs.start_test_cluster(3, args=('--cluster-node-timeout', '300')) as cluster:
+    with redis_servers.start_test_cluster(3, args=('--cluster-node-timeout', '300')) as cluster:
         client = rs.connect(cluster.url)
         ids, x = np.arange(3000), vectors(3000, 8, 12)
 
@@ -288,7 +290,7 @@ def test_primary_dying_mid_publish_then_cluster_down_are_clear(tmp_path):
         # The survivors mark the dead primary failed (node timeout 0.3 s): the cluster is down.
         survivor = redis.Redis(port=cluster.nodes[0].port)
         for _ in range(200):
-            if rs._cluster_state(survivor).get('cluster_state') == 'fail':
+            if redis_servers._cluster_state(survivor).get('cluster_state') == 'fail':
                 break
             time.sleep(0.05)
         with pytest.raises(RedisExportError, match=r'is down: node .* reports cluster_state:fail'):

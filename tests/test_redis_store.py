@@ -1,23 +1,18 @@
 """redis_store against real bundled valkey servers (no mocks): round trips with plain redis-py,
-foreign keys, metadata, the versioned layout's no-mix guarantee, failures mid-publish, the
-detached local server."""
+foreign keys, metadata, the versioned layout's no-mix guarantee, failures mid-publish."""
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+import redis_servers
 import redis_store as rs
+import redis_writer
 from redis_store import RedisExportError
 
 HINT = 'python train.py --export_only --save_dir saved_models --redis_url URL'
@@ -62,7 +57,7 @@ def which_version(batch, candidates):
 @pytest.mark.parametrize('fmt', ['json', 'f32'])
 def test_plain_round_trip_with_plain_redis_py(redis_server, fmt, writer, monkeypatch):
     if writer == 'pipeline':  # the generic writer a cluster client would use
-        monkeypatch.setattr(rs, '_uses_raw_resp', lambda c: False)
+        monkeypatch.setattr(redis_writer, '_uses_raw_resp', lambda c: False)
     db = 8 if fmt == 'json' else 9
     client = rs.connect(db_url(redis_server, db))
     r = redis.Redis.from_url(db_url(redis_server, db))
@@ -86,7 +81,7 @@ def test_plain_round_trip_with_plain_redis_py(redis_server, fmt, writer, monkeyp
 def test_encode_vectors_edge_shapes(shape):
     x = vectors(*shape, seed=16)
     for fmt in ('json', 'f32'):
-        values = rs.encode_vectors(x, fmt)
+        values = redis_writer.encode_vectors(x, fmt)
         assert len(values) == shape[0]
         for i, v in enumerate(values):
             got = np.array(json.loads(v), np.float32) if fmt == 'json' else np.frombuffer(v, '<f4')
@@ -270,7 +265,7 @@ def test_readers_never_see_two_models_mixed(redis_server, layout):
 
 
 def test_unreachable_and_auth_errors_are_clear(tmp_path):
-    port = rs.free_port()
+    port = redis_servers.free_port()
     with pytest.raises(RedisExportError) as e:
         rs.connect(f'redis://127.0.0.1:{port}/0', vectors_path='saved_models/vectors.npy',
                    republish_hint=HINT)
@@ -278,7 +273,7 @@ def test_unreachable_and_auth_errors_are_clear(tmp_path):
     assert HINT in str(e.value)
     with pytest.raises(RedisExportError, match='invalid Redis URL'):
         rs.connect('http://localhost:6379')
-    with rs.start_test_server(args=('--requirepass', 's3cret')) as server:
+    with redis_servers.start_test_server(args=('--requirepass', 's3cret')) as server:
         with pytest.raises(RedisExportError, match='needs a password'):
             rs.connect(server.url)
         with pytest.raises(RedisExportError, match='refused the credentials') as e:
@@ -307,7 +302,7 @@ def test_dropped_connection_is_retried(client, plain_r):
 
 def test_killed_server_mid_publish_then_rerun_completes(tmp_path):
     persist = ('--appendonly', 'yes', '--appendfsync', 'always')  # what was acknowledged survives
-    server = rs.start_test_server(args=persist, workdir=str(tmp_path / 'srv'))
+    server = redis_servers.start_test_server(args=persist, workdir=str(tmp_path / 'srv'))
     port = server.port
     client = rs.connect(server.url)
     client.set('foreign', 'keep me')
@@ -325,7 +320,7 @@ def test_killed_server_mid_publish_then_rerun_completes(tmp_path):
     written, total = map(int, re.search(r'(\d+) of (\d+) vectors were confirmed written', message).groups())
     assert 600 <= written < 3000 and total == 3000
     assert f'safe on disk at {vectors_path}' in message and HINT in message
-    server = rs.start_test_server(port=port, args=persist, workdir=str(tmp_path / 'srv'))
+    server = redis_servers.start_test_server(port=port, args=persist, workdir=str(tmp_path / 'srv'))
     try:
         r = redis.Redis(port=port)
         assert r.get('foreign') == b'keep me' and r.get('__meta__') is None
@@ -339,7 +334,7 @@ def test_killed_server_mid_publish_then_rerun_completes(tmp_path):
 
 
 def test_error_mid_versioned_publish_keeps_old_version_live(tmp_path):
-    with rs.start_test_server(args=('--maxmemory-policy', 'noeviction')) as server:
+    with redis_servers.start_test_server(args=('--maxmemory-policy', 'noeviction')) as server:
         client = rs.connect(server.url)
         ids = np.arange(2000)
         old, new = vectors(2000, 32, 13), vectors(2000, 32, 14)
@@ -360,54 +355,6 @@ def test_error_mid_versioned_publish_keeps_old_version_live(tmp_path):
         np.testing.assert_array_equal(rs.get_vectors(client, ids).vectors, new)
 
 
-# ----------------------------------------------------------------------------- bundled server
-
-
-def test_ensure_local_server_detached_reused_stopped_persistent(tmp_path, redis_server):
-    data_dir = str(tmp_path / 'redis data')  # a space, to check the config quoting
-    port = rs.free_port()
-    code = f'import redis_store; print(redis_store.ensure_local_server({data_dir!r}, port={port}))'
-    env = {**os.environ, 'PYTHONPATH': os.getcwd()}
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60,
-                         env=env, check=True).stdout
-    assert out.strip() == f"('redis://127.0.0.1:{port}', True)"
-    try:
-        r = redis.Redis(port=port)
-        assert r.ping()  # the launching process has exited; the server lives on
-        pid = int(open(os.path.join(data_dir, 'valkey.pid')).read())
-        if os.path.exists(f'/proc/{pid}/stat'):
-            assert int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]) != os.getpid()
-        assert r.config_get('bind')['bind'] == '127.0.0.1'
-        assert rs.ensure_local_server(data_dir, port=port) == (f'redis://127.0.0.1:{port}', False)
-        r.set('persist-me', 'yes')
-        assert rs.stop_local_server(data_dir) is True
-        with pytest.raises(redis.ConnectionError):
-            redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
-        assert rs.ensure_local_server(data_dir, port=port)[1] is True
-        assert r.get('persist-me') == b'yes'  # data came back from data_dir
-    finally:
-        rs.stop_local_server(data_dir)
-    assert rs.stop_local_server(data_dir) is False
-    assert 'valkey.pid' in rs.stop_hint(data_dir) and 'stop_local_server' in rs.stop_hint(data_dir)
-    # Something already answering is reused as it is, and nothing is written to data_dir.
-    other = str(tmp_path / 'unused')
-    shared_port = int(redis_server.rsplit(':', 1)[1])
-    assert rs.ensure_local_server(other, port=shared_port) == (redis_server, False)
-    assert not os.path.exists(other)
-    with pytest.raises(ValueError, match='loopback'):
-        rs.ensure_local_server(other, host='0.0.0.0')
-
-
-def test_ensure_local_server_port_taken_by_something_else(tmp_path):
-    with socket.socket() as squatter:  # listens, never answers
-        squatter.bind(('127.0.0.1', 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        with pytest.raises(RedisExportError, match='did not start') as e:
-            rs.ensure_local_server(str(tmp_path), port=port, timeout=20)
-        assert 'in use' in str(e.value)  # the server's log says why
-
-
 def test_reserved_ids_and_foreign_version_sets_are_refused(redis_server):
     client = rs.connect(redis_server)
     vec = np.ones((1, 4), np.float32)
@@ -421,15 +368,3 @@ def test_reserved_ids_and_foreign_version_sets_are_refused(redis_server):
                    progress=False)
     assert client.get('rs-foreignset:v:someone-elses:1') == b'keep'
     assert client.ttl('rs-foreignset:v:someone-elses:1') == -1
-
-
-def test_test_server_removes_only_the_directory_it_made(tmp_path):
-    server = rs.start_test_server()
-    made = server.workdir
-    assert os.path.isdir(made)
-    server.stop()
-    assert not os.path.exists(made)
-    given = tmp_path / "kept"
-    with rs.start_test_server(workdir=str(given)):
-        pass
-    assert given.is_dir()

@@ -15,7 +15,7 @@ import torch
 
 import demo_data
 import model_io
-import redis_store
+import redis_servers
 import train
 from real_samples import real_sample
 
@@ -121,10 +121,10 @@ def test_resume_refuses_changed_settings(demo_log, tmp_path):
 
 
 def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_path, monkeypatch):
-    port = redis_store.free_port()
+    port = redis_servers.free_port()
     url = f"redis://127.0.0.1:{port}"
     common = ["--save_dir", str(tmp_path), "--redis_url", url, "--no-evaluate", *TINY]
-    server = redis_store.start_test_server(port=port)  # answers the check before training ...
+    server = redis_servers.start_test_server(port=port)  # answers the check before training ...
     publish = train.publish
 
     def server_gone_by_now(*args, **kwargs):  # ... and is gone when the vectors are ready
@@ -136,7 +136,7 @@ def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_p
     assert code == train.EXIT_REDIS
     monkeypatch.undo()
     user_ids, vectors, _ = model_io.load_vectors(tmp_path)  # safe on disk
-    server = redis_store.start_test_server(port=port)
+    server = redis_servers.start_test_server(port=port)
     try:
         assert train.main(["--republish", *common]) == 0
         r = redis.Redis.from_url(url)
@@ -159,7 +159,7 @@ def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_p
 
 
 def test_redis_password_is_in_no_output_and_no_saved_file(demo_log, tmp_path, capsys):
-    server = redis_store.start_test_server(args=("--requirepass", "s3cretpw"))
+    server = redis_servers.start_test_server(args=("--requirepass", "s3cretpw"))
     url = f"redis://:s3cretpw@127.0.0.1:{server.port}/0"
     try:
         assert train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--redis_url", url,
@@ -246,7 +246,7 @@ def test_unwritable_save_dir_and_wrong_redis_password_fail_before_reading_the_lo
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match=r"--save_dir .*a_file/saved: cannot write there"):
         train.main(["--data_path", str(demo_log), "--save_dir", str(blocker / "saved"), "--no_redis", *TINY])
-    server = redis_store.start_test_server(args=("--requirepass", "right"))
+    server = redis_servers.start_test_server(args=("--requirepass", "right"))
     try:
         url = f"redis://:wrong@127.0.0.1:{server.port}/0"
         with pytest.raises(SystemExit, match=r"refused the credentials .* Nothing was read or trained") as e:
