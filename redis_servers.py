@@ -271,6 +271,8 @@ def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[
             proc.kill()
         proc.wait()
         last_log = _log_tail(log_path)
+    if owns_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     raise RedisExportError(f'the bundled test server did not start on {host}:{port or "a free port"}:\n'
                            f'{last_log}')
 
@@ -282,8 +284,11 @@ class LocalCluster:
     `connect` takes; `nodes` are the `LocalServer`s, in slot order (node i owns the i-th range).
     """
 
-    def __init__(self, nodes: list[LocalServer], password: str | None = None):
+    def __init__(self, nodes: list[LocalServer], password: str | None = None, workdir: str | None = None,
+                 owns_workdir: bool = False):
         self.nodes = nodes
+        self.workdir = workdir  # holds one directory per node
+        self.owns_workdir = owns_workdir  # a temporary directory made for it: removed by stop()
         self.host = nodes[0].host
         self.password = password
         auth = f':{password}@' if password else ''
@@ -300,6 +305,8 @@ class LocalCluster:
     def stop(self, timeout: float = 5.0) -> None:
         for node in self.nodes:
             node.stop(timeout)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -324,6 +331,7 @@ def start_test_cluster(n: int = 3, host: str = '127.0.0.1', *, password: str | N
     """
     if not 1 <= n <= 64:
         raise ValueError(f'n must be 1..64 nodes, got {n}')
+    owns_workdir = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix='valkey-cluster-')
     if password:
         args = ('--requirepass', password, '--masterauth', password, *args)
@@ -345,7 +353,7 @@ def start_test_cluster(n: int = 3, host: str = '127.0.0.1', *, password: str | N
             states = [_cluster_state(c) for c in clients]
             if all(s.get('cluster_state') == 'ok' and s.get('cluster_known_nodes') == str(n)
                    and s.get('cluster_slots_ok') == '16384' for s in states):
-                return LocalCluster(nodes, password)
+                return LocalCluster(nodes, password, workdir, owns_workdir)
             if time.monotonic() > deadline or not all(node.alive() for node in nodes):
                 report = '\n'.join(
                     f'node {node.port} (alive {node.alive()}): cluster_state '
@@ -359,6 +367,8 @@ def start_test_cluster(n: int = 3, host: str = '127.0.0.1', *, password: str | N
     except BaseException:
         for node in nodes:
             node.stop()
+        if owns_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
         for c in clients:

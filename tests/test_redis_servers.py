@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import redis
@@ -74,3 +75,23 @@ def test_test_server_removes_only_the_directory_it_made(tmp_path):
         pass
     assert given.is_dir()
 
+
+
+
+def test_test_cluster_removes_only_the_directory_it_made(tmp_path, monkeypatch):
+    made_in = tmp_path / 'tmp'
+    made_in.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(made_in))  # where mkdtemp makes them
+    with redis_servers.start_test_cluster(2):
+        assert len(os.listdir(made_in)) == 1  # one directory, a folder per node inside
+    assert os.listdir(made_in) == []
+    given = tmp_path / 'kept'
+    with redis_servers.start_test_cluster(1, workdir=str(given)):
+        pass
+    assert given.is_dir()
+    # A server or cluster that fails to start removes its temporary directory too.
+    with pytest.raises(RedisExportError, match='did not start'):
+        redis_servers.start_test_server(args=('--no-such-option', 'x'))
+    with pytest.raises(RedisExportError, match='did not start'):
+        redis_servers.start_test_cluster(2, args=('--no-such-option', 'x'))
+    assert os.listdir(made_in) == []
