@@ -8,7 +8,8 @@ against a reference measured side by side in the same run (the machine is shared
 
 Sections: data (read -> CSR vs pandas and a naive pipeline), moe (MoE vs dense SwiGLU vs naive loop),
 train (triplets/s with the optimiser, MFU against a GEMM peak, malloc tuning on/off), inference (export
-users/s vs the training rate), redis (publish vs a raw-socket SET ceiling), growth (every stage at 1x, 2x, 4x
+users/s vs the training rate), redis (publish vs a raw-socket SET ceiling), redis_writer (the hand-written
+RESP writer vs plain redis-py pipelines, one server and a 3-node cluster), growth (every stage at 1x, 2x, 4x
 users, and the long length 100 vs 200), ddp (one epoch in 1 process vs torchrun processes), gpu (only with CUDA),
 ttq (time to quality: training seconds of a default run to its best epoch, and its held-out gaps to the baselines).
 Speed sections refuse to start on a busy machine (1-min load > QUIET_LOAD; --allow_load overrides) and say how
@@ -798,6 +799,88 @@ def bench_redis(args) -> None:
         r = next(r for r in rows if r['fmt'] == fmt and r['case'].startswith('publish plain'))
         add_goal('redis', f'publish {fmt} / SET -P 16 ceiling', r['pct_ceiling'], target, '>=', '%')
     RESULTS['redis'] = rows
+
+
+# ----------------------------------------------------------------------------------------------
+# redis_writer: the hand-written RESP writer against plain redis-py pipelines, one server and a cluster
+
+WRITERS = ('hand-written RESP', 'redis-py pipeline')
+
+
+def writer_rates(n: int = 200_000, dim: int = 128, repeats: int = 3, batch_size: int | None = None,
+                 cluster_nodes: int = 3, ttls: tuple = (None, 600)) -> list[dict]:
+    """Seconds of `redis_writer.write` (the hand-written writer) and of the plain redis-py writer (one
+    pipeline per batch: one MSET, one per slot on a cluster, or SET ... EX per key with a TTL) writing the
+    same n keys, encoding included, on one bundled server and on a local `cluster_nodes`-primary cluster
+    (none when 0), without and with a TTL (`ttls`).
+
+    Every run starts from an emptied database (FLUSHALL SYNC, not timed: an asynchronous flush would
+    free the previous run's keys while the next one is timed). Each repeat runs both writers back to
+    back, in alternating order, so a repeat's ratio (redis-py seconds / hand-written seconds) is paired.
+
+    Returns one dict per target x fmt x ttl: the seconds of each writer per repeat and the ratios.
+    """
+    import numpy as np
+    import redis_servers
+    import redis_store
+    import redis_writer
+    batch_size = batch_size or redis_store.DEFAULT_BATCH
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # unit vectors, like the model's output
+    keys = [str(u).encode() for u in range(10_000_000, 10_000_000 + n)]  # 8-digit ids, Taobao-like
+
+    def run(client, writer, fmt, ttl):
+        for node in (client.get_primaries() if hasattr(client, 'get_primaries') else [None]):
+            (client.get_redis_connection(node) if node else client).execute_command('FLUSHALL', 'SYNC')
+        t0 = time.perf_counter()
+        if writer == WRITERS[0]:
+            redis_writer.write(client, keys, x, fmt, batch_size, ttl, redis_store.DEFAULT_RETRIES, lambda k: None)
+        else:
+            redis_writer._write_with_pipelines(client, redis_writer._batches(keys, x, fmt, batch_size), ttl,
+                                               lambda k: None)
+        return time.perf_counter() - t0
+
+    rows = []
+    starts = {'server': redis_servers.start_test_server}
+    if cluster_nodes:
+        starts[f'cluster of {cluster_nodes}'] = lambda: redis_servers.start_test_cluster(cluster_nodes)
+    for target, start in starts.items():
+        with start() as server:
+            client = redis_store.connect(server.url)
+            for fmt in ('json', 'f32'):
+                for ttl in ttls:
+                    secs = {w: [] for w in WRITERS}
+                    for r in range(repeats):
+                        for w in (WRITERS if r % 2 == 0 else WRITERS[::-1]):
+                            secs[w].append(run(client, w, fmt, ttl))
+                    ratios = [b / a for a, b in zip(*secs.values())]
+                    rows.append({'target': target, 'fmt': fmt, 'ttl': ttl, 'n': n, 'seconds': secs,
+                                 'ratio_median': median(ratios), 'ratio_min': min(ratios),
+                                 'ratio_max': max(ratios)})
+            client.close()
+    return rows
+
+
+@task('redis_writer')
+def _task_redis_writer(n: int, repeats: int) -> dict:
+    return {'rows': writer_rates(n=n, repeats=repeats)}
+
+
+@section('redis_writer', 'hand-written RESP writer vs plain redis-py pipelines (MSET per batch), server and cluster')
+def bench_redis_writer(args) -> None:
+    n, repeats = (200_000, 5) if args.full else (50_000, 3)
+    rows = run_task('redis_writer', n=n, repeats=repeats)['rows']
+    print_table(f'Redis writers, {n:,} vectors x 128 floats, batches of 2,000, {repeats} paired repeats '
+                '(ratio = redis-py seconds / hand-written seconds: median [min-max])',
+                ['target', 'format', 'ttl', *(f'{w} vectors/s' for w in WRITERS), 'ratio'],
+                [[r['target'], r['fmt'], r['ttl'] or '-',
+                  *(f'{r["n"] / median(r["seconds"][w]):,.0f}' for w in WRITERS),
+                  f'{r["ratio_median"]:.2f}x [{r["ratio_min"]:.2f}-{r["ratio_max"]:.2f}]'] for r in rows])
+    for target in dict.fromkeys(r['target'] for r in rows):  # the hand-written writer earns its code
+        worst = min((r for r in rows if r['target'] == target), key=lambda r: r['ratio_median'])
+        add_goal('redis_writer', f'redis-py / hand-written writer seconds, {target}, worst case '
+                 f'({worst["fmt"]}, ttl {worst["ttl"] or "-"})', worst['ratio_median'], 1.3, '>=', 'x')
+    RESULTS['redis_writer'] = rows
 
 
 # ----------------------------------------------------------------------------------------------
