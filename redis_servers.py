@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -190,7 +191,29 @@ def stop_hint(data_dir: str) -> str:
             f'redis_servers.stop_local_server({data_dir!r})"')
 
 
-class LocalServer:
+class _Throwaway:
+    """What the throw-away servers share: a `with` block stops one, and `stop` then removes its
+    directory when that was a temporary one made for it (`owns_workdir`), never one a caller gave."""
+
+    workdir: str | None
+    owns_workdir: bool
+
+    def _stop_processes(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop_processes(timeout)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class LocalServer(_Throwaway):
     """A throw-away valkey-server child process (no persistence); for tests and benchmarks."""
 
     def __init__(self, process: subprocess.Popen, host: str, port: int, workdir: str,
@@ -217,21 +240,13 @@ class LocalServer:
             self.process.kill()
         self.process.wait()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def _stop_processes(self, timeout: float) -> None:
         if self.alive():
             self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[str] = (),
@@ -277,7 +292,7 @@ def start_test_server(port: int = 0, host: str = '127.0.0.1', *, args: Sequence[
                            f'{last_log}')
 
 
-class LocalCluster:
+class LocalCluster(_Throwaway):
     """A throw-away Redis Cluster of bundled valkey-server children (primaries only, loopback).
 
     `url` (redis+cluster://host:port of the first node, with the password if one was set) is what
@@ -302,17 +317,9 @@ class LocalCluster:
     def alive(self) -> bool:
         return all(n.alive() for n in self.nodes)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def _stop_processes(self, timeout: float) -> None:
         for node in self.nodes:
             node.stop(timeout)
-        if self.owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalCluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def start_test_cluster(n: int = 3, host: str = '127.0.0.1', *, password: str | None = None,
