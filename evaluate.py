@@ -1,6 +1,6 @@
 """Held-out evaluation of the user vectors against baselines, on a split in time and in users.
 
-Protocol (DESIGN.md, "Evaluation protocol"): the log's last day is the target day; every sequence is built
+Protocol: the log's last day is the target day; every sequence is built
 from the earlier events only (the history). Users are evaluated in groups (e.g. 'train' and 'heldout', the
 latter never trained on), each task within one group:
 
