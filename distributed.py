@@ -112,6 +112,15 @@ def broadcast(obj, ctx: Context):
     return box[0]
 
 
+def gather_objects(obj, ctx: Context) -> list:
+    """Every rank's Python object, in rank order, on every rank (pickled; small bookkeeping only)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
     """The sum over ranks (a new tensor; the input is left alone)."""
     if not ctx.distributed:

@@ -34,6 +34,11 @@ Which layout:
   read (`get_vector`, `get_vectors`, or GET `__current__` then GET `v:<id>:<user_id>`) never sees
   two models mixed. Costs twice the memory during the grace period.
 
+A publish can be written in parts by several processes (train.py under torchrun): one calls `begin`
+(ownership check, registration) and shares the returned `PublishPlan`, each writes its own users with
+`write_part`, and once every part is acknowledged one calls `finish` (metadata, pointer switch,
+retiring). `publish` is the same three steps in one process.
+
 Safety rules: no FLUSHDB, no DEL of vectors; only keys under `prefix` that this tool wrote ever get
 an expiry (the publish ids recorded in `__versions__`, matched by their `v:<publish_id>:` pattern).
 A publish is idempotent: re-running it after a failure completes it.
@@ -56,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -399,7 +405,7 @@ def _connect_cluster(url: str, timeout: float, socket_timeout: float, ctx: dict)
 # ----------------------------------------------------------------------------- publishing
 
 
-def _check_inputs(user_ids, vectors, fmt, layout, version, ttl, batch_size, grace_s):
+def _check_options(fmt, layout, version, ttl, batch_size, grace_s) -> None:
     if fmt not in FORMATS:
         raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
     if layout not in LAYOUTS:
@@ -412,13 +418,23 @@ def _check_inputs(user_ids, vectors, fmt, layout, version, ttl, batch_size, grac
         raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')
     if grace_s <= 0:
         raise ValueError(f'grace_s must be positive, got {grace_s!r}')
+
+
+def prepare(user_ids, vectors, fmt: str = 'json', *, allow_empty: bool = False) -> tuple[list[str], np.ndarray, str]:
+    """Check one set (or, sharded, one writer's part) of vectors before anything is written.
+
+    Returns (ids as strings, float32 vectors, content fingerprint). A sharded publish combines the parts'
+    fingerprints with `combine_fingerprints`. Raises ValueError.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
     vectors = np.ascontiguousarray(vectors, dtype='<f4')  # (N, D)
     if vectors.ndim != 2:
         raise ValueError(f'vectors must be 2-D (N, D), got shape {vectors.shape}')
     ids = _id_strings(user_ids)
     if len(ids) != len(vectors):
         raise ValueError(f'{len(ids)} user ids but {len(vectors)} vectors')
-    if not ids:  # a versioned switch to an empty set would hide every user's vector
+    if not ids and not allow_empty:  # a versioned switch to an empty set would hide every user's vector
         raise ValueError('no vectors to publish')
     if not np.isfinite(vectors).all():
         bad = int((~np.isfinite(vectors)).any(axis=1).sum())
@@ -429,7 +445,7 @@ def _check_inputs(user_ids, vectors, fmt, layout, version, ttl, batch_size, grac
     if clash is not None:  # would overwrite the tool's bookkeeping keys or another version's vectors
         raise ValueError(f'user id {clash!r} collides with the reserved key names (ids may not start with '
                          f'"__" or "{VERSION_NS}"); publish with a prefix and ids without them')
-    return ids, vectors
+    return ids, vectors, _fingerprint(ids, vectors, fmt)
 
 
 def _fingerprint(ids: list[str], vectors: np.ndarray, fmt: str) -> str:
@@ -440,6 +456,14 @@ def _fingerprint(ids: list[str], vectors: np.ndarray, fmt: str) -> str:
     h.update('\n'.join(ids).encode())
     h.update(memoryview(vectors).cast('B'))
     return h.hexdigest()[:32]
+
+
+def combine_fingerprints(parts: list[str]) -> str:
+    """The fingerprint of a publish written in parts, in writer order; one part is its own fingerprint,
+    so a single writer names its keys exactly as `publish` does."""
+    if len(parts) == 1:
+        return parts[0]
+    return hashlib.sha256(':'.join(parts).encode()).hexdigest()[:32]
 
 
 def _check_ownership(client, names: dict[str, str]) -> tuple[dict | None, set[str], str | None]:
@@ -495,6 +519,41 @@ def _expire_version(client, prefix: str, publish_id: str, grace_s: int, batch_si
     return count
 
 
+@contextmanager
+def _explained(client, *, written: Callable[[], int] | None = None, total: int | None = None, **ctx):
+    """Redis failures inside as one RedisExportError saying what was written and how to re-publish."""
+    counts = {}
+    try:
+        yield
+    except RedisExportError as e:
+        raise _failure(f'Redis publish refused: {e}', retry_hint=False, **ctx) from e
+    except (RedisError, RedisClusterException, OSError) as e:
+        if written is not None:
+            counts = {'written': written(), 'total': total}
+        if isinstance(e, AskError) and not isinstance(client, RedisCluster):
+            # A plain client given a cluster node (connect() refuses those URLs): every key another
+            # node owns is answered MOVED.
+            raise _failure(f'Redis publish failed: the server is a Redis Cluster node ({type(e).__name__}: '
+                           f'{e}); connect with a redis+cluster://host:port URL', **counts, **ctx) from e
+        raise _failure(f'Redis publish failed ({type(e).__name__}: {e})', **counts, **ctx) from e
+
+
+class PublishPlan(NamedTuple):
+    """One publish as `begin` decided it: what every writer of its parts and `finish` need (picklable,
+    so one process can begin a sharded publish and send the plan to the others)."""
+
+    prefix: str
+    fmt: str
+    layout: str
+    version: str
+    ttl: int | None
+    publish_id: str | None  # versioned layout: the key namespace of this set
+    key_prefix: str  # what precedes every user id
+    meta: dict  # the metadata recorded when the publish completes
+    retire: list[str]  # publish ids this tool wrote before, given an expiry by `finish`
+    old_pointer: str | None  # the pointer a plain publish makes obsolete
+
+
 def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
             layout: str = 'plain', version: str, ttl: int | None = None,
             batch_size: int = DEFAULT_BATCH, progress: bool = True, vectors_path: str | None = None,
@@ -502,6 +561,10 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
             extra_meta: dict | None = None, retries: int = DEFAULT_RETRIES,
             on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Write one vector per user, pipelined, and record the metadata (see the module docstring).
+
+    The steps, for one writer: `prepare` (check), `begin` (ownership, registration), `write_part`,
+    `finish` (metadata, pointer switch, retiring). Several processes publishing one set in parts
+    (train.py under torchrun) run the same steps: one begins, every one writes its part, one finishes.
 
     Args:
         client: a `redis.Redis` or `redis.cluster.RedisCluster` (e.g. from `connect`).
@@ -530,11 +593,60 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
         ValueError: bad arguments (before anything is written).
         RedisExportError: Redis failed, or a bookkeeping key belongs to someone else.
     """
-    ids, vectors = _check_inputs(user_ids, vectors, fmt, layout, version, ttl, batch_size, grace_s)
-    total, dim = vectors.shape
-    written = 0
+    _check_options(fmt, layout, version, ttl, batch_size, grace_s)
+    ids, vectors, fingerprint = prepare(user_ids, vectors, fmt)
     ctx = {'vectors_path': vectors_path, 'republish_hint': republish_hint}
-    bar = tqdm(total=total, unit='vec', unit_scale=True, desc=f'redis {layout}/{fmt}',
+    t0 = time.perf_counter()
+    plan = begin(client, prefix=prefix, fmt=fmt, layout=layout, version=version, ttl=ttl,
+                 fingerprint=fingerprint, count=len(ids), dim=vectors.shape[1], extra_meta=extra_meta, **ctx)
+    write_part(client, plan, ids, vectors, batch_size=batch_size, retries=retries, progress=progress,
+               on_batch=on_batch, **ctx)
+    summary = finish(client, plan, batch_size=batch_size, grace_s=grace_s, **ctx)
+    seconds = time.perf_counter() - t0
+    summary.update(seconds=round(seconds, 3), vectors_per_s=round(len(ids) / seconds, 1) if seconds else None)
+    return summary
+
+
+def begin(client, *, prefix: str = '', fmt: str = 'json', layout: str = 'plain', version: str,
+          ttl: int | None = None, fingerprint: str, count: int, dim: int, extra_meta: dict | None = None,
+          vectors_path: str | None = None, republish_hint: str | None = None) -> PublishPlan:
+    """Check that the bookkeeping keys are this tool's, and (versioned) register the new set before any of
+    its keys is written, so a failed publish is retired by a later one. Raises RedisExportError."""
+    _check_options(fmt, layout, version, ttl, 1, 1)
+    names = _names(prefix)
+    with _explained(client, vectors_path=vectors_path, republish_hint=republish_hint):
+        old_meta, versions, pointer = _check_ownership(client, names)
+        versioned = layout == 'versioned'
+        publish_id = f'{version}.{fingerprint[:10]}' if versioned else None
+        key_prefix = _version_prefix(prefix, publish_id) if versioned else prefix
+        meta = {
+            'writer': WRITER, 'schema': SCHEMA, 'layout': layout, 'format': fmt, 'dim': dim,
+            'dtype': 'float32' if fmt == 'json' else 'float32 little-endian', 'count': count,
+            'version': version, 'publish_id': publish_id, 'prefix': prefix,
+            'key_pattern': key_prefix + '{user_id}', 'meta_key': names['meta'],
+            'pointer_key': names['pointer'] if versioned else None, 'ttl': ttl,
+            'fingerprint': fingerprint, 'previous_version': old_meta.get('version') if old_meta else None,
+            'retired_pointer': None if versioned else pointer, 'extra': extra_meta or {},
+        }
+        if versioned:
+            version_meta_key = key_prefix + META_KEY
+            client.sadd(names['versions'], publish_id)  # registered first, so a failed run is retired later
+            done = _load_meta(client.get(version_meta_key))
+            if done is None or done.get('state') != 'complete':  # a complete set keeps its record
+                client.set(version_meta_key, orjson.dumps({**meta, 'state': 'writing'}))
+    return PublishPlan(prefix, fmt, layout, version, ttl, publish_id, key_prefix, meta,
+                       sorted(v for v in versions if v != publish_id), None if versioned else pointer)
+
+
+def write_part(client, plan: PublishPlan, ids: list[str], vectors: np.ndarray, *,
+               batch_size: int = DEFAULT_BATCH, retries: int = DEFAULT_RETRIES, progress: bool = True,
+               on_batch: Callable[[int, int], None] | None = None, vectors_path: str | None = None,
+               republish_hint: str | None = None) -> int:
+    """Write the keys of `ids` (from `prepare`) under the plan; returns how many were acknowledged.
+    Raises RedisExportError saying how many were written before a failure."""
+    total = len(ids)
+    written = 0
+    bar = tqdm(total=total, unit='vec', unit_scale=True, desc=f'redis {plan.layout}/{plan.fmt}',
                disable=not progress)
 
     def on_ack(n: int) -> None:
@@ -544,85 +656,46 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
         if on_batch is not None:
             on_batch(written, total)
 
-    t0 = time.perf_counter()
+    prefix_b = plan.key_prefix.encode()
+    keys = [prefix_b + i.encode() for i in ids]
     try:
-        summary = _publish(client, ids, vectors, prefix=prefix, fmt=fmt, layout=layout,
-                           version=version, ttl=ttl, batch_size=int(batch_size), grace_s=int(grace_s),
-                           extra_meta=extra_meta, retries=retries, on_ack=on_ack)
-    except RedisExportError as e:
-        raise _failure(f'Redis publish refused: {e}', retry_hint=False, **ctx) from e
-    except AskError as e:
-        if isinstance(client, RedisCluster):
-            raise _failure(f'Redis publish failed ({type(e).__name__}: {e})',
-                           written=written, total=total, **ctx) from e
-        # A plain client given a cluster node (connect() refuses those URLs): every key another
-        # node owns is answered MOVED.
-        raise _failure(f'Redis publish failed: the server is a Redis Cluster node ({type(e).__name__}: '
-                       f'{e}); connect with a redis+cluster://host:port URL',
-                       written=written, total=total, **ctx) from e
-    except (RedisError, RedisClusterException, OSError) as e:
-        raise _failure(f'Redis publish failed ({type(e).__name__}: {e})',
-                       written=written, total=total, **ctx) from e
+        with _explained(client, written=lambda: written, total=total, vectors_path=vectors_path,
+                        republish_hint=republish_hint):
+            if keys:
+                redis_writer.write(client, keys, vectors, plan.fmt, int(batch_size), plan.ttl, retries, on_ack)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    summary.update(seconds=round(seconds, 3), vectors_per_s=round(total / seconds, 1) if seconds else None)
-    return summary
+    return written
 
 
-def _publish(client, ids: list[str], vectors: np.ndarray, *, prefix: str, fmt: str, layout: str,
-             version: str, ttl: int | None, batch_size: int, grace_s: int, extra_meta: dict | None,
-             retries: int, on_ack: Callable[[int], None]) -> dict:
-    names = _names(prefix)
-    old_meta, versions, pointer = _check_ownership(client, names)
-    total, dim = vectors.shape
-    versioned = layout == 'versioned'
-    fingerprint = _fingerprint(ids, vectors, fmt)
-    publish_id = f'{version}.{fingerprint[:10]}' if versioned else None
-    key_prefix = _version_prefix(prefix, publish_id) if versioned else prefix
-    meta = {
-        'writer': WRITER, 'schema': SCHEMA, 'layout': layout, 'format': fmt, 'dim': dim,
-        'dtype': 'float32' if fmt == 'json' else 'float32 little-endian', 'count': total,
-        'version': version, 'publish_id': publish_id, 'prefix': prefix,
-        'key_pattern': key_prefix + '{user_id}', 'meta_key': names['meta'],
-        'pointer_key': names['pointer'] if versioned else None, 'ttl': ttl,
-        'fingerprint': fingerprint, 'previous_version': old_meta.get('version') if old_meta else None,
-        'retired_pointer': None if versioned else pointer, 'extra': extra_meta or {},
-    }
-    if versioned:
-        version_meta_key = key_prefix + META_KEY
-        client.sadd(names['versions'], publish_id)  # registered first, so a failed run is retired later
-        done = _load_meta(client.get(version_meta_key))
-        if done is None or done.get('state') != 'complete':  # a complete set keeps its record
-            client.set(version_meta_key, orjson.dumps({**meta, 'state': 'writing'}))
-
-    prefix_b = key_prefix.encode()
-    keys = [prefix_b + i.encode() for i in ids]
-    redis_writer.write(client, keys, vectors, fmt, batch_size, ttl, retries, on_ack)
-
-    meta.update(state='complete', published_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+def finish(client, plan: PublishPlan, *, batch_size: int = DEFAULT_BATCH, grace_s: int = DEFAULT_GRACE_S,
+           vectors_path: str | None = None, republish_hint: str | None = None) -> dict:
+    """Once every part is acknowledged: record the metadata, switch the pointer (versioned), and retire
+    what this tool wrote before and no longer serves (old versions, and a pointer a plain publish made
+    obsolete): they expire after `grace_s`; nothing is deleted. Returns the summary (see `publish`)."""
+    names = _names(plan.prefix)
+    meta = {**plan.meta, 'state': 'complete',
+            'published_at': datetime.now(timezone.utc).isoformat(timespec='seconds')}
     meta_json = orjson.dumps(meta)
-    if versioned:
-        client.set(version_meta_key, meta_json)
-        _switch_pointer(client, names, publish_id, meta_json)
-    else:
-        client.set(names['meta'], meta_json)
-
-    # Retire what this tool wrote before and no longer serves: old versions, and a pointer that
-    # a plain publish made obsolete. They expire after the grace period; nothing is deleted.
-    lt = _server_major(client) >= 7
-    retired = sorted(v for v in versions if v != publish_id)
     retired_keys = 0
-    for old in retired:
-        retired_keys += _expire_version(client, prefix, old, grace_s, batch_size, lt)
-        client.srem(names['versions'], old)
-    if not versioned and pointer is not None:
-        client.expire(names['pointer'], grace_s, lt=lt)
-
-    return {'layout': layout, 'format': fmt, 'version': version, 'publish_id': publish_id,
-            'count': total, 'dim': dim,
+    count = plan.meta['count']
+    with _explained(client, written=lambda: count, total=count, vectors_path=vectors_path,
+                    republish_hint=republish_hint):
+        if plan.layout == 'versioned':
+            client.set(plan.key_prefix + META_KEY, meta_json)
+            _switch_pointer(client, names, plan.publish_id, meta_json)
+        else:
+            client.set(names['meta'], meta_json)
+        lt = _server_major(client) >= 7
+        for old in plan.retire:
+            retired_keys += _expire_version(client, plan.prefix, old, int(grace_s), int(batch_size), lt)
+            client.srem(names['versions'], old)
+        if plan.old_pointer is not None:
+            client.expire(names['pointer'], int(grace_s), lt=lt)
+    return {'layout': plan.layout, 'format': plan.fmt, 'version': plan.version, 'publish_id': plan.publish_id,
+            'count': meta['count'], 'dim': meta['dim'],
             'key_pattern': meta['key_pattern'], 'meta_key': names['meta'],
-            'pointer_key': meta['pointer_key'], 'retired_versions': retired,
+            'pointer_key': meta['pointer_key'], 'retired_versions': list(plan.retire),
             'retired_keys': retired_keys}
 
 

@@ -617,48 +617,94 @@ def _load_summary(load) -> str:
 
 def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = distributed.Context()) -> int:
     """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis.
-    Distributed, each rank computes a share of the users and rank 0 writes and publishes them all."""
+    Distributed, each rank computes a share of the users, rank 0 writes the file, and each rank publishes
+    its own share (see publish)."""
     t0 = time.perf_counter()
     vectors = distributed.sharded_user_vectors(model, seqs, None, ctx, device, part="all", tower="long",
                                                min_len=cfg.n_min, max_len=cfg.n_max,
                                                batch_size=cfg.export_batch_size, progress=cfg.progress)
     seconds = time.perf_counter() - t0
-    if not ctx.is_main:
-        return 0
-    bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+    bad = int((~np.isfinite(vectors)).any(axis=1).sum())  # every rank holds every vector: one verdict
     if bad:  # checked before the disk, so a NaN file never replaces good vectors
+        if not ctx.is_main:
+            return 0
         raise SystemExit(f"error: {bad} of {len(vectors)} user vectors hold NaN or inf; nothing was written to "
                          f"{cfg.save_dir}/{model_io.VECTORS_FILE} or Redis. The model's weights are not usable: "
                          "retrain with a lower --lr (or a larger --tau).")
-    path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
-    print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
-          f"-> {path}")
-    return publish(cfg, seqs.user_ids, vectors, version, path)
+    path = Path(cfg.save_dir) / model_io.VECTORS_FILE
+    if ctx.is_main:
+        path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
+        print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
+              f"-> {path}")
+    distributed.barrier(ctx)  # on disk before any of them reaches Redis
+    return publish(cfg, seqs.user_ids, vectors, version, path, ctx)
 
 
-def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vectors_path: Path) -> int:
-    """Publish to Redis; returns the process exit status (0, or EXIT_REDIS with the vectors safe on disk)."""
+def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vectors_path: Path,
+            ctx: distributed.Context = distributed.Context()) -> int:
+    """Publish to Redis; returns the process exit status (0, or EXIT_REDIS with the vectors safe on disk).
+
+    Under torchrun every rank writes its contiguous share of the users (to a cluster: straight to the
+    primaries owning their keys); rank 0 checks and registers the publish first, and records the metadata
+    and switches the versioned pointer once, after every rank's keys are acknowledged. A failure on any
+    rank leaves the pointer and __meta__ as they were (the re-publish hint completes it)."""
     if cfg.no_redis:
         print(f"--no_redis: vectors are in {vectors_path}; publish later with "
               f"python train.py --republish --save_dir {cfg.save_dir}")
         return 0
+    url, error = cfg.redis_url, None
     try:
-        url = cfg.redis_url
-        if not url:
+        if not url and ctx.is_main:
             url, started = redis_servers.ensure_local_server(Path(cfg.save_dir) / "redis")
             if started:
                 print(f"started a bundled Redis-compatible server (Valkey) at {url}, data in "
                       f"{Path(cfg.save_dir) / 'redis'}; stop it with: {redis_servers.stop_hint(Path(cfg.save_dir) / 'redis')}")
-        hint = f"python train.py --republish --save_dir {cfg.save_dir}" + redis_flags(cfg, url)
-        client = redis_store.connect(url, vectors_path=str(vectors_path), republish_hint=hint)
-        summary = redis_store.publish(client, user_ids, vectors, prefix=cfg.redis_prefix, fmt=cfg.redis_format,
-                                      layout=cfg.redis_layout, version=version, ttl=cfg.redis_ttl or None,
-                                      progress=cfg.progress, vectors_path=str(vectors_path), republish_hint=hint)
     except redis_store.RedisExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error = str(e)
+    url, error = distributed.broadcast((url, error), ctx)
+    # the bundled server listens on rank 0's machine only: then rank 0 writes every key
+    sharded = ctx.distributed and bool(cfg.redis_url)
+    part = distributed.shard_slice(len(user_ids), ctx) if sharded else slice(None if ctx.is_main else 0)
+    hint = f"python train.py --republish --save_dir {cfg.save_dir}" + redis_flags(cfg, url)
+    where = {"vectors_path": str(vectors_path), "republish_hint": hint}
+
+    def attempt(fn, ranks: str = "all"):
+        """fn() on every rank (or rank 0) unless a rank already failed -> (result, this rank's error)."""
+        if error is not None or (ranks == "main" and not ctx.is_main):
+            return None, error
+        try:
+            return fn(), None
+        except redis_store.RedisExportError as e:
+            return None, (f"rank {ctx.rank}: " if ctx.distributed else "") + str(e)
+
+    def agree(err):
+        """Every rank learns the first rank's error (a collective: every rank calls it)."""
+        return next((e for e in distributed.gather_objects(err, ctx) if e), None)
+
+    ids = user_ids[part]
+    client, error = attempt(lambda: redis_store.connect(url, **where) if len(ids) or ctx.is_main else None)
+    prepared, error = attempt(lambda: redis_store.prepare(ids, vectors[part], cfg.redis_format, allow_empty=True))
+    error = agree(error)
+    fingerprints = distributed.gather_objects(prepared[2] if prepared and len(ids) else "", ctx)
+    plan, error = attempt(lambda: redis_store.begin(
+        client, prefix=cfg.redis_prefix, fmt=cfg.redis_format, layout=cfg.redis_layout, version=version,
+        ttl=cfg.redis_ttl or None, fingerprint=redis_store.combine_fingerprints([f for f in fingerprints if f]),
+        count=len(user_ids), dim=vectors.shape[1], **where), ranks="main")
+    plan, error = distributed.broadcast((plan, error), ctx)  # only rank 0 can have failed since agree()
+    _, error = attempt(lambda: redis_store.write_part(client, plan, prepared[0], prepared[1],
+                                                      progress=cfg.progress, **where))
+    error = agree(error)
+    summary, error = attempt(lambda: redis_store.finish(client, plan, **where), ranks="main")
+    error = distributed.broadcast(error, ctx)
+    if error is not None:
+        if ctx.is_main:  # every rank knows the first error: one says it
+            print(f"error: {error}", file=sys.stderr)
         return EXIT_REDIS
+    if not ctx.is_main:
+        return 0
     print(f"published {summary['count']} vectors to {redis_store.safe_url(url)} "
-          f"(format {cfg.redis_format}, layout {cfg.redis_layout}, model {version})")
+          f"(format {cfg.redis_format}, layout {cfg.redis_layout}, model {version}"
+          + (f"; each of {ctx.world} processes wrote its share" if ctx.distributed else "") + ")")
     example = int(user_ids[0])
     if cfg.redis_layout == "plain" and cfg.redis_format == "json":
         safe = redis_store.safe_url(url)

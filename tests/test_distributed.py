@@ -27,13 +27,22 @@ FLAGS = ["--item_embedding_dim", "16", "--category_embedding_dim", "8", "--width
          "--no-evaluate"]
 
 
-def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """A copy of a saved model set without its vectors."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name != model_io.VECTORS_FILE:
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +103,41 @@ def test_one_process_writes_prints_and_publishes(runs):
         assert np.allclose(json.loads(r.get(f"ddp:{uid}")), vec, atol=1e-6)
     assert all(r.get(f"ddp:foreign{i}") == b"keep me" for i in range(20))
     assert "RedisCluster.from_url('redis://" in out  # the read-back hint works for a cluster
+    assert "each of 2 processes wrote its share" in out
 
 
-def test_sharded_export_only_equals_the_training_export(runs, tmp_path):
-    """--export_only under torchrun: each rank embeds a share of the users with the saved model."""
-    saved = tmp_path / "saved"
-    saved.mkdir()
-    for f in runs["two"].iterdir():
-        if f.is_file():
-            (saved / f.name).write_bytes(f.read_bytes())
-    (saved / model_io.VECTORS_FILE).unlink()
-    torchrun("--export_only", "--data_path", str(runs["log"]), "--save_dir", str(saved), "--no_redis",
-             "--no-progress", nproc=3)
+def test_sharded_export_only_equals_the_training_export(runs, tmp_path, redis_cluster):
+    """--export_only under torchrun: each rank embeds a share of the users with the saved model and
+    publishes its share; the versioned pointer is switched once, to a set holding every user."""
+    saved = copy_model(runs["two"], tmp_path / "saved")
+    done = torchrun("--export_only", "--data_path", str(runs["log"]), "--save_dir", str(saved), "--no-progress",
+                    "--redis_url", redis_cluster.url, "--redis_prefix", "ddp3:", "--redis_layout", "versioned",
+                    "--redis_format", "f32", nproc=3)
+    assert "each of 3 processes wrote its share" in done.stdout
     ids, vectors, _ = model_io.load_vectors(saved)
     ids0, vectors0, _ = model_io.load_vectors(runs["two"])
     assert np.array_equal(ids, ids0) and np.allclose(vectors, vectors0, atol=1e-6)
+    client = redis_store.connect(redis_cluster.url)
+    batch = redis_store.get_vectors(client, ids, "ddp3:")
+    assert batch.found.all() and np.array_equal(batch.vectors, vectors)
+    meta = redis_store.read_meta(client, "ddp3:")
+    assert meta["count"] == len(ids) and meta["publish_id"] == batch.publish_id
+    keys = runs["redis"].keys(f"ddp3:v:{batch.publish_id}:*", target_nodes=RedisCluster.PRIMARIES)
+    assert len(keys) == len(ids) + 1  # every user once, and the set's own __meta__
+
+
+def test_a_refused_sharded_publish_stops_every_rank_and_writes_nothing(runs, redis_cluster, tmp_path):
+    """Rank 0 finds a foreign bookkeeping key before anything is written: every rank stops (none waits
+    forever at a collective), the vectors are on disk, no key is written."""
+    runs["redis"].set("ddp4:__meta__", "someone else's")
+    saved = copy_model(runs["two"], tmp_path / "saved")
+    done = torchrun("--export_only", "--data_path", str(runs["log"]), "--save_dir", str(saved),
+                    "--no-progress", "--redis_url", redis_cluster.url, "--redis_prefix", "ddp4:", ok=False)
+    said = "error: rank 0: Redis publish refused: key 'ddp4:__meta__' exists and was not written by this tool"
+    assert done.stderr.count(said) == 1
+    assert (saved / model_io.VECTORS_FILE).exists()
+    assert runs["redis"].keys("ddp4:*", target_nodes=RedisCluster.PRIMARIES) == [b"ddp4:__meta__"]
+    assert runs["redis"].get("ddp4:__meta__") == b"someone else's"
 
 
 @pytest.mark.parametrize("n, world", [(7, 3), (2, 2), (5, 1), (64, 4)])

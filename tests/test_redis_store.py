@@ -333,6 +333,36 @@ def test_killed_server_mid_publish_then_rerun_completes(tmp_path):
         server.stop()
 
 
+def test_publish_in_parts_switches_once_after_every_part(client, plain_r, redis_server):
+    """What train.py does under torchrun: one writer begins, each writes its own part (here two clients,
+    as two ranks would), one finishes. Nothing is live before the finish; a part that never arrives
+    leaves the previous set live; one part is exactly `publish`."""
+    ids, vec = np.arange(5000, 5300), vectors(300, 8, 21)
+    first = rs.publish(client, ids, vec, prefix='rs-parts:', layout='versioned', version='M0', progress=False)
+    parts = [rs.prepare(ids[:170], vec[:170]), rs.prepare(ids[170:], vec[170:] + 1)]
+    fingerprint = rs.combine_fingerprints([p[2] for p in parts])
+    plan = rs.begin(client, prefix='rs-parts:', layout='versioned', version='M1', fingerprint=fingerprint,
+                    count=300, dim=8)
+    other_rank = rs.connect(redis_server)
+    assert rs.write_part(other_rank, plan, parts[0][0], parts[0][1], progress=False) == 170
+    # one part written, the other not (its rank died): readers still get the previous set, whole
+    batch = rs.get_vectors(client, ids, 'rs-parts:')
+    assert batch.publish_id == first['publish_id'] and batch.found.all()
+    np.testing.assert_array_equal(batch.vectors, vec)
+    assert rs.write_part(client, plan, parts[1][0], parts[1][1], progress=False) == 130
+    assert plain_r.get('rs-parts:__current__') == first['publish_id'].encode()  # still: no finish yet
+    summary = rs.finish(client, plan, grace_s=60)
+    assert summary['count'] == 300 and summary['retired_versions'] == [first['publish_id']]
+    batch = rs.get_vectors(client, ids, 'rs-parts:')
+    assert batch.publish_id == plan.publish_id != first['publish_id'] and batch.found.all()
+    np.testing.assert_array_equal(batch.vectors[:170], vec[:170])
+    np.testing.assert_array_equal(batch.vectors[170:], vec[170:] + 1)
+    # a single part names its keys exactly as publish does (same vectors -> same keys, nothing retired)
+    assert rs.combine_fingerprints([rs.prepare(ids, vec)[2]]) == rs.prepare(ids, vec)[2]
+    assert rs.publish(client, ids, vec, prefix='rs-parts:', layout='versioned', version='M0',
+                      progress=False)['publish_id'] == first['publish_id']
+
+
 def test_error_mid_versioned_publish_keeps_old_version_live(tmp_path):
     with redis_servers.start_test_server(args=('--maxmemory-policy', 'noeviction')) as server:
         client = rs.connect(server.url)
