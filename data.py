@@ -399,8 +399,9 @@ class _TypedParseFailed(Exception):
     pass
 
 
-def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: bool, progress: bool):
-    """Stream the file in chunks -> (column arrays, rows_read, skipped counts)."""
+def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: bool, progress: bool, sink) -> tuple[int, dict]:
+    """Stream the file in chunks, handing each chunk's valid rows to sink({column: array}, in file order)
+    -> (rows_read, skipped counts)."""
     leading = _leading_long_lines(path) if fmt == 'tianchi' else []
     if strict and leading:
         raise DataError(f'{path}: line {leading[0]}: too many fields; expected {_EXPECTED[fmt]} '
@@ -412,7 +413,6 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
         from tqdm import tqdm
         bar = tqdm(total=size, unit='B', unit_scale=True, desc=f'reading {os.path.basename(path)}',
                    file=sys.stderr, leave=False)
-    parts = {c: [] for c in EVENT_COLUMNS}
     counts = np.zeros(len(REASONS) + 1, np.int64)
     skipped_lines: list[int] = []
     n_rows = 0
@@ -458,9 +458,9 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                 counts += np.bincount(code, minlength=len(REASONS) + 1)
                 counts[REASONS.index('too many fields') + 1] += len(new_lines)
                 ok = code == 0
-                for c in EVENT_COLUMNS:
-                    parts[c].append(cols[c][ok] if code.any() else cols[c])
-                n_rows += len(chunk)
+                del chunk  # the parsed text is the bulk of a chunk's memory: gone before the sink works
+                sink({c: cols[c][ok] if code.any() else cols[c] for c in EVENT_COLUMNS})
+                n_rows += len(ok)
                 if bar is not None:
                     bar.update(raw.tell() - bar.n)
     finally:
@@ -470,11 +470,53 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
         raw.close()
     rows_read = n_rows + int(counts[REASONS.index('too many fields') + 1])
     skipped = {r: int(counts[i + 1]) for i, r in enumerate(REASONS) if counts[i + 1]}
-    dtypes = {'user_id': np.int64, 'item_id': np.int64, 'category_id': np.int64, 'behavior': np.int8,
-              'hour': np.int64}
-    arrays = {c: (np.concatenate(parts[c]) if parts[c] else np.zeros(0, dtypes[c])).astype(dtypes[c], copy=False)
-              for c in EVENT_COLUMNS}
-    return arrays, rows_read, skipped
+    return rows_read, skipped
+
+
+EVENT_DTYPES = {'user_id': np.int64, 'item_id': np.int64, 'category_id': np.int64, 'behavior': np.int8,
+                'hour': np.int64}
+
+
+@dataclass
+class StreamInfo:
+    """What `stream_events` found: the resolved file, its format, rows read and skipped by reason."""
+    path: str
+    format: str
+    has_header: bool
+    rows_read: int
+    skipped: dict
+    slow_path: bool
+
+
+def stream_events(data_path: str, sink, data_format: str = 'auto', strict: bool = False,
+                  progress: bool = True) -> StreamInfo:
+    """read_events' reading and row validation, one chunk (CHUNK_ROWS rows) at a time: memory does not grow
+    with the log.
+
+    sink({column: array}) receives each chunk's valid rows (EVENT_COLUMNS, EVENT_DTYPES, file order);
+    sink(None) means "forget what you got, the file is read again": some numeric field held non-numeric
+    text, found only in a later chunk, and the whole file is re-read on the slow path (as read_events does).
+    The steps that need every row - the time window around the median hour, duplicates - are the caller's
+    (read_events applies them to the collected rows; event_cache to its shards). Raises what read_events raises
+    for bad input, strict's first malformed row included.
+    """
+    path = resolve_log_path(data_path)
+    fmt, has_header = _detect_format(path, data_format)
+    slow = False
+    with _named_gz_errors(path):
+        try:
+            rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress, sink)
+        except _TypedParseFailed as e:
+            if isinstance(e.__cause__, _GZ_ERRORS):
+                raise e.__cause__ from None
+            # some numeric field holds non-numeric text: re-read as strings and validate every value
+            slow = True
+            sink(None)
+            rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress, sink)
+    if rows_read == 0:
+        raise DataError(f'{path}: no data rows (expected {_EXPECTED[fmt]})')
+    return StreamInfo(path=path, format=fmt, has_header=has_header, rows_read=rows_read, skipped=skipped,
+                      slow_path=slow)
 
 
 def _row_hash(events: pd.DataFrame) -> np.ndarray:
@@ -536,6 +578,20 @@ def duplicate_mask(events: pd.DataFrame) -> np.ndarray:
     return dup
 
 
+def implausible_error(path: str, fmt: str, line: int, hour: int, median: int, window_days: int) -> DataError:
+    """strict's error for an event outside the time window (read_events and event_cache word it alike)."""
+    return DataError(f'{path}: line {line}: time implausible ({hour_to_str(hour)}, more '
+                     f'than {window_days} days from the log\'s median time {hour_to_str(median)}); expected '
+                     f'{_EXPECTED[fmt]} (widen --time_window_days, or drop --strict to skip and count such rows)')
+
+
+def implausible_mask(hour: np.ndarray, median: int, window_days: int) -> np.ndarray:
+    """True for hours further than window_days from the median hour (none when window_days is 0)."""
+    if not window_days:
+        return np.zeros(len(hour), bool)
+    return np.abs(hour - median) > window_days * 24
+
+
 def _drop_implausible_times(arrays: dict, skipped: dict, window_days: int, path: str, fmt: str,
                             strict: bool, header_lines: int) -> dict:
     """Skip (count, or under strict refuse) events further than window_days from the median hour."""
@@ -543,17 +599,45 @@ def _drop_implausible_times(arrays: dict, skipped: dict, window_days: int, path:
     if not window_days or len(hour) == 0:
         return arrays
     median = int(np.median(hour))
-    far = np.abs(hour - median) > window_days * 24
+    far = implausible_mask(hour, median, window_days)
     n_far = int(far.sum())
     if not n_far:
         return arrays
     if strict:  # strict got here only if every data row was kept, so row i is line header_lines + i + 1
         row = int(np.flatnonzero(far)[0])
-        raise DataError(f'{path}: line {header_lines + row + 1}: time implausible ({hour_to_str(hour[row])}, more '
-                        f'than {window_days} days from the log\'s median time {hour_to_str(median)}); expected '
-                        f'{_EXPECTED[fmt]} (widen --time_window_days, or drop --strict to skip and count such rows)')
+        raise implausible_error(path, fmt, header_lines + row + 1, int(hour[row]), median, window_days)
     skipped['time implausible'] = skipped.get('time implausible', 0) + n_far
     return {c: a[~far] for c, a in arrays.items()}
+
+
+def order_statistics(values: np.ndarray, counts: np.ndarray, ranks) -> np.ndarray:
+    """The ranks-th smallest (0-based) of a multiset given as sorted distinct values and their counts."""
+    ends = np.cumsum(counts)
+    return np.asarray(values)[np.searchsorted(ends, np.asarray(ranks, np.int64), side='right')]
+
+
+def median_from_counts(values: np.ndarray, counts: np.ndarray) -> float:
+    """np.median of the multiset (values, counts), exactly: the same one or two middle elements, averaged
+    by numpy itself (a histogram of hours is how event_cache knows the median without holding the hours)."""
+    n = int(np.sum(counts))
+    return float(np.median(order_statistics(values, counts, sorted({(n - 1) // 2, n // 2}))))
+
+
+def quantile_from_counts(values: np.ndarray, counts: np.ndarray, q: float, method: str = 'linear') -> float:
+    """np.quantile(multiset, q, method=...) for the multiset (values, counts), exactly (methods linear,
+    lower, higher): numpy's own virtual index on n, the neighbouring order statistics, numpy's own
+    interpolation between them."""
+    n = int(np.sum(counts))
+    v = (n - 1) * q                                       # numpy's virtual index for these methods
+    lo, hi = int(np.floor(v)), int(np.ceil(v))
+    a, b = order_statistics(values, counts, [lo, min(hi, n - 1)])
+    if method == 'lower':
+        return float(a)
+    if method == 'higher':
+        return float(b)
+    if method != 'linear':
+        raise ValueError(f'method must be linear, lower or higher, got {method!r}')
+    return float(np.quantile(np.array([a, b]), v - lo))   # the same lerp numpy does on the whole array
 
 
 def read_events(data_path: str, data_format: str = 'auto', strict: bool = False, dedupe: bool = False,
@@ -582,21 +666,22 @@ def read_events(data_path: str, data_format: str = 'auto', strict: bool = False,
             unrecognised format, no valid rows, or (strict) a malformed row.
     """
     t0 = time.perf_counter()
-    path = resolve_log_path(data_path)
-    fmt, has_header = _detect_format(path, data_format)
-    slow = False
-    with _named_gz_errors(path):
-        try:
-            arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress)
-        except _TypedParseFailed as e:
-            if isinstance(e.__cause__, _GZ_ERRORS):
-                raise e.__cause__ from None
-            # some numeric field holds non-numeric text: re-read as strings and validate every value
-            slow = True
-            arrays, rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress)
-    if rows_read == 0:
-        raise DataError(f'{path}: no data rows (expected {_EXPECTED[fmt]})')
-    arrays = _drop_implausible_times(arrays, skipped, time_window_days, path, fmt, strict, int(has_header))
+    parts = {c: [] for c in EVENT_COLUMNS}
+
+    def collect(chunk):
+        for c in EVENT_COLUMNS:
+            if chunk is None:
+                parts[c].clear()
+            else:
+                parts[c].append(chunk[c])
+
+    info = stream_events(data_path, collect, data_format=data_format, strict=strict, progress=progress)
+    path, fmt, rows_read, skipped, slow = info.path, info.format, info.rows_read, info.skipped, info.slow_path
+    arrays = {c: (np.concatenate(parts[c]) if parts[c] else np.zeros(0, EVENT_DTYPES[c])).astype(EVENT_DTYPES[c],
+                                                                                                 copy=False)
+              for c in EVENT_COLUMNS}
+    del parts
+    arrays = _drop_implausible_times(arrays, skipped, time_window_days, path, fmt, strict, int(info.has_header))
     events = pd.DataFrame(arrays, columns=EVENT_COLUMNS)
     if len(events) == 0:
         raise DataError(f'{path}: no valid rows among {rows_read:,} (skipped: {skipped}); expected {_EXPECTED[fmt]}')
@@ -716,6 +801,52 @@ class Vocab:
         return cls(items=items[keep], item_counts=item_counts[keep], categories=cats, category_counts=cat_counts,
                    t_min=t_min, t_max=t_max, min_item_count=int(min_item_count), n_events=len(events),
                    n_distinct_items=len(items))
+
+    @classmethod
+    def from_counts(cls, items: np.ndarray, item_counts: np.ndarray, categories: np.ndarray,
+                    category_counts: np.ndarray, hours: np.ndarray, hour_counts: np.ndarray,
+                    min_item_count: int = MIN_ITEM_COUNT, time_trim: float = TIME_TRIM) -> 'Vocab':
+        """The Vocab that `fit` gives on events whose distinct items, categories and hours occur these many
+        times (each array of distinct values with a count array beside it; any order): the same ids, order,
+        MIN_ITEM_COUNT rule and time trim. Counts add over chunks or shards, so the vocabulary of a log
+        too large to hold is fitted from its counts (event_cache.Cache.fit_vocab)."""
+        n_events = int(np.sum(hour_counts))
+        if n_events == 0:
+            raise DataError('cannot fit a vocabulary on zero events')
+        if min_item_count < 1:
+            raise ValueError(f'min_item_count must be >= 1, got {min_item_count}')
+        if not 0.0 <= time_trim < 0.5:
+            raise ValueError(f'time_trim must be in [0, 0.5), got {time_trim}')
+
+        def ranked(raw, counts):                   # _count_sorted's order: most frequent first, ties by raw id
+            raw, counts = np.asarray(raw, np.int64), np.asarray(counts, np.int64)
+            order = np.lexsort((raw, -counts))
+            return raw[order], counts[order]
+
+        items, item_counts = ranked(items, item_counts)
+        keep = item_counts >= min_item_count
+        cats, cat_counts = ranked(categories, category_counts)
+        order = np.argsort(hours, kind='stable')
+        hours, hour_counts = np.asarray(hours, np.int64)[order], np.asarray(hour_counts, np.int64)[order]
+        if time_trim > 0:
+            t_min = int(quantile_from_counts(hours, hour_counts, time_trim, 'lower'))
+            t_max = int(quantile_from_counts(hours, hour_counts, 1.0 - time_trim, 'higher'))
+        else:
+            present = hours[hour_counts > 0]
+            t_min, t_max = int(present.min()), int(present.max())
+        return cls(items=items[keep], item_counts=item_counts[keep], categories=cats, category_counts=cat_counts,
+                   t_min=t_min, t_max=t_max, min_item_count=int(min_item_count), n_events=n_events,
+                   n_distinct_items=len(items))
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the tables and time span: equal fingerprints, the same encoding."""
+        import hashlib
+        h = hashlib.sha256()
+        for a in (self.items, self.item_counts, self.categories, self.category_counts,
+                  np.array([self.t_min, self.t_max, self.min_item_count, self.n_events, self.n_distinct_items])):
+            h.update(np.ascontiguousarray(a, np.int64).tobytes())
+            h.update(b'|')
+        return h.hexdigest()
 
     def _lookup(self, name: str) -> pd.Index:
         if name not in self._index_cache:
