@@ -609,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--max_items', type=int, default=MAX_ITEMS)
     p.add_argument('--json', default='', help='also write the metrics to this JSON file')
     p.add_argument('--progress', default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument('--cache', default=True, action=argparse.BooleanOptionalAction,
+                   help="reuse (or build) the log's event cache, as train.py's --cache (default: on)")
     args = p.parse_args(argv)
     import model_io
     runtime.tune_malloc()
@@ -616,8 +618,14 @@ def main(argv: list[str] | None = None) -> int:
     try:  # bad input is one line, as in train.py; bugs keep their traceback
         model, vocab, config = model_io.load_model(args.save_dir, device)
         window = config.get('train', {}).get('time_window_days', data.TIME_WINDOW_DAYS)
-        events, report = data.read_events(args.data_path, data_format=args.data_format, progress=args.progress,
-                                          time_window_days=window)
+        if args.cache:
+            import event_cache
+            cache = event_cache.load(args.data_path, data_format=args.data_format, progress=args.progress,
+                                     time_window_days=window, save_dir=args.save_dir)
+            events, report = cache.events(), cache.report
+        else:
+            events, report = data.read_events(args.data_path, data_format=args.data_format, progress=args.progress,
+                                              time_window_days=window)
     except (data.DataError, model_io.ModelSetError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None
     print(report.summary())

@@ -73,7 +73,9 @@ def default_shards(log_path: str) -> int:
 
 
 def _writable(folder: Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    """Writable by this process and not marked read-only (no w bit at all): root may write anywhere, but a
+    folder of shared samples made r-x is not the place for a cache."""
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & 0o222)
 
 
 def cache_dir_for(log_path: str, save_dir: str = 'saved_models') -> Path:

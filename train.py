@@ -38,6 +38,7 @@ import data
 import demo_data
 import distributed
 import evaluate
+import event_cache
 import inference
 import model_io
 import redis_servers
@@ -58,6 +59,8 @@ DEMO_USERS = 1500  # users in the demo log generated when the default DATA_PATH 
 # data
 STRICT = False  # stop at the first malformed row instead of skipping and counting it
 DEDUPE = False  # drop exact duplicate rows (kept by default: hour-precision logs repeat real clicks)
+CACHE = True  # parse the log once into <log>.cache/ (Parquet shards by user; under SAVE_DIR/event_cache/ if the log's folder is read-only) and reuse it while the log is unchanged
+REBUILD_CACHE = False  # with CACHE: parse the log again and rewrite its cache even if the cache matches the log
 MIN_ITEM_COUNT = data.MIN_ITEM_COUNT  # items seen fewer times share the reserved "unknown" row (3 measured best: see data.py)
 TIME_WINDOW_DAYS = data.TIME_WINDOW_DAYS  # events further than this many days from the log's median time are skipped, counted as 'time implausible' (0: no window)
 N_MIN = data.N_MIN  # long-term sequences are padded to at least this many events
@@ -292,14 +295,38 @@ def read_log(cfg, ctx=distributed.Context()):
         print(f"No log under {path}/: generating the demo log ({cfg.demo_users} users) at {target}")
         demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
     distributed.barrier(ctx)
-    events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
-                                      dedupe=cfg.dedupe, progress=cfg.progress, time_window_days=cfg.time_window_days)
-    print(report.summary())
-    return events
+    if not cfg.cache:
+        events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
+                                          dedupe=cfg.dedupe, progress=cfg.progress,
+                                          time_window_days=cfg.time_window_days)
+        print(report.summary())
+        return events
+    cache = load_cache(cfg, ctx)
+    print(cache.report.summary())
+    return cache.events()
+
+
+def load_cache(cfg, ctx=distributed.Context()) -> event_cache.Cache:
+    """The log's event cache (event_cache.load): one process per node checks or builds it while the others
+    wait, then they reuse it. Bad input raises in every process (the others meet it when they load)."""
+    def load(rebuild: bool) -> event_cache.Cache:
+        return event_cache.load(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict, dedupe=cfg.dedupe,
+                                time_window_days=cfg.time_window_days, rebuild=rebuild, progress=cfg.progress,
+                                save_dir=cfg.save_dir)
+    cache = error = None
+    if ctx.local_rank == 0:
+        try:
+            cache = load(cfg.rebuild_cache)
+        except data.DataError as e:
+            error = e
+    distributed.barrier(ctx)
+    if error is not None:
+        raise error
+    return cache if cache is not None else load(False)
 
 
 def _has_log(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and any(path.glob("*.csv*")))
+    return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.glob("*.csv*")))  # not <log>.cache/
 
 
 def split_target_day(events):
