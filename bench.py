@@ -11,7 +11,8 @@ train (triplets/s with the optimiser, MFU against a GEMM peak, malloc tuning on/
 users/s vs the training rate), redis (publish vs a raw-socket SET ceiling), redis_writer (the hand-written
 RESP writer vs plain redis-py pipelines, one server and a 3-node cluster), growth (every stage at 1x, 2x, 4x
 users, and the long length 100 vs 200), ddp (one epoch in 1 process vs torchrun processes), gpu (only with CUDA),
-ttq (time to quality: training seconds of a default run to its best epoch, and its held-out gaps to the baselines).
+ttq (time to quality: training seconds of a default run to its best epoch, and its held-out gaps to the baselines),
+cache (event_cache: first-run parse-and-cache and a cached reload vs read_events, seconds and peak RSS).
 Speed sections refuse to start on a busy machine (1-min load > QUIET_LOAD; --allow_load overrides) and say how
 many cores other processes used while they measured (LoadWatch): only quiet runs are comparable.
 The last table lists every goal with its measured value and PASS/MISS.
@@ -30,6 +31,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -330,6 +332,105 @@ def bench_data(args) -> None:
                     f'the last day, tested on its {cov["test_rows"]:,} rows)',
                     ['min_item_count', 'item rows', 'MB (128 f32 x3 Adam)', 'train events covered',
                      'next-day events covered', 'next-day item seen at all'], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache: parse the log once into Parquet shards (event_cache) vs reading the CSV every run
+
+@task('cache.read_events')
+def _task_cache_read_events(path: str) -> dict:
+    import data
+    events, _ = data.read_events(path, progress=False)
+    return {'rows': len(events)}
+
+
+@task('cache.build')
+def _task_cache_build(path: str, cache_dir: str) -> dict:
+    import event_cache
+    cache = event_cache.load(path, cache_dir, rebuild=True, progress=False, log=lambda m: None)
+    return {'rows': cache.report.rows_kept, 'users': cache.manifest['users'], 'shards': cache.n_shards,
+            'cache_mb': cache.manifest['bytes'] / 2 ** 20}
+
+
+@task('cache.reload')
+def _task_cache_reload(path: str, cache_dir: str) -> dict:
+    import event_cache
+    t0, said = time.perf_counter(), []
+    cache = event_cache.load(path, cache_dir, progress=False, log=said.append)   # checks every shard's SHA-256
+    t1 = time.perf_counter()
+    if 'reusing' not in said[0]:
+        raise RuntimeError(f'the cache was not reused: {said[0]}')
+    events = cache.events()
+    return {'rows': len(events), 'check_s': t1 - t0}
+
+
+@task('cache.rank')
+def _task_cache_rank(path: str, cache_dir: str, ranks: int) -> dict:
+    """What one of `ranks` torchrun ranks would load: its shards' events and the whole log's vocabulary."""
+    import event_cache
+    said = []
+    cache = event_cache.load(path, cache_dir, progress=False, log=said.append)
+    if 'reusing' not in said[0]:
+        raise RuntimeError(f'the cache was not reused: {said[0]}')
+    mine = [k for k in range(cache.n_shards) if k % ranks == 0]
+    history, target, cutoff, _ = cache.split_last_day(mine)
+    vocab = cache.fit_vocab(before_hour=cutoff)
+    return {'rows': len(history) + len(target), 'shards': len(mine), 'items': len(vocab.items)}
+
+
+@section('cache', 'event cache: first-run parse-and-cache and cached reload vs read_events (fresh process each)')
+def bench_cache(args) -> None:
+    refuse_if_loaded(args, 'cache')
+    rows = args.cache_rows
+    folder = os.path.join(HERE, 'bench_out')
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f'cache_tianchi_{rows / 1e6:g}M.csv')
+    if not os.path.exists(path):
+        users = max(1000, rows // 100)
+        print(f'generating {path} ({rows:,} rows, {users:,} users) ...', flush=True)
+        g = run_task('data.generate', timeout=7200, path=path, users=users, mean_events=rows / users / 0.97, seed=1)
+        print(f'  generated {g["rows"]:,} rows in {g["seconds"]:.0f} s', flush=True)
+    small = path.replace('.csv', '_head5th.csv')          # the first fifth of the same log: is build RSS bounded?
+    if not os.path.exists(small):
+        with open(path, 'rb') as src, open(small, 'wb') as dst:
+            n_lines = sum(1 for _ in src) // 5
+            src.seek(0)
+            for _, line in zip(range(n_lines), src):
+                dst.write(line)
+    cache_dir, small_dir = path + '.cache', small + '.cache'
+    print(f'log: {path} ({os.path.getsize(path) / 2 ** 30:.2f} GB)', flush=True)
+    with LoadWatch() as watch:
+        direct = run_task('cache.read_events', repeat=args.repeat, timeout=7200, path=path)
+        build = run_task('cache.build', repeat=1, timeout=7200, path=path, cache_dir=cache_dir)
+        reload = run_task('cache.reload', repeat=args.repeat, timeout=7200, path=path, cache_dir=cache_dir)
+        rank = run_task('cache.rank', repeat=args.repeat, timeout=7200, path=path, cache_dir=cache_dir, ranks=8)
+        build_small = run_task('cache.build', repeat=1, timeout=7200, path=small, cache_dir=small_dir)
+
+    def row(name, res, note=''):
+        return [name, f'{res["seconds"]:.1f}', f'{res["peak_rss_mb"]:.0f}',
+                f'{direct["seconds"] / res["seconds"]:.1f}x', f'{res["peak_rss_mb"] / direct["peak_rss_mb"]:.2f}', note]
+
+    print_table(f'event cache ({direct["rows"]:,} rows, {build["users"]:,} users, {build["shards"]} shards, cache '
+                f'{build["cache_mb"]:.0f} MB)', ['step', 'seconds', 'peak RSS MB', 'speed vs read_events',
+                                                  'RSS vs read_events', 'notes'],
+                [row('read_events (today: whole CSV into pandas)', direct),
+                 row('first run: parse + write the cache', build, 'streams chunks: RSS bounded'),
+                 row('later run: cached reload (all users)', reload, f'manifest + SHA-256 check {reload["check_s"]:.1f} s'),
+                 row('one of 8 ranks: its shards + global vocab', rank, f'{rank["shards"]} shards, {rank["rows"]:,} rows'),
+                 row(f'first run on the log\'s first fifth', build_small,
+                     f'{build_small["rows"]:,} rows: build RSS {build_small["peak_rss_mb"]:.0f} vs '
+                     f'{build["peak_rss_mb"]:.0f} MB at 5x the rows')])
+    print('  ' + watch.describe())
+    add_goal('cache', 'cached reload vs re-parse (read_events / reload)', direct['seconds'] / reload['seconds'], 10.0,
+             '>=', 'x')
+    add_goal('cache', 'build peak RSS at 5x the rows / at 1x (bounded)',
+             build['peak_rss_mb'] / build_small['peak_rss_mb'], 1.5, '<=', 'x')
+    RESULTS['cache'] = {'read_events': direct, 'build': build, 'reload': reload, 'rank_of_8': rank,
+                        'build_fifth': build_small, 'rows': rows, 'others_cores': watch.others_cores}
+    if not args.keep_cache_data:
+        for f in (small, small_dir, cache_dir):
+            shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
+        print(f'  removed the cache folders and {small}; the generated log stays at {path} (delete it when done)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1282,6 +1383,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--skip_malloc', action='store_true', help='train: skip the malloc on/off processes')
     p.add_argument('--skip_naive', action='store_true', help='data: skip the slow naive pipeline')
     p.add_argument('--skip_coverage', action='store_true', help='data: skip the item-coverage tables')
+    p.add_argument('--cache_rows', type=int, default=2_000_000, help='cache: rows of the generated log '
+                   '(bench_out/cache_tianchi_<rows>M.csv, kept for the next run; the README figures use 50000000)')
+    p.add_argument('--keep_cache_data', action='store_true', help='cache: keep the cache folders and the log\'s '
+                   'first-fifth copy')
     p.add_argument('--task', default='', help=argparse.SUPPRESS)
     p.add_argument('--task_args', default='{}', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
