@@ -14,6 +14,7 @@ import redis
 import torch
 
 import demo_data
+import evaluate
 import model_io
 import redis_servers
 import train
@@ -156,6 +157,26 @@ def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_p
     user_ids, vectors, version = model_io.load_vectors(work)
     assert len(user_ids) == 30 and np.isfinite(vectors).all()
     assert version == model_io.read_config(save_dir)["model_version"]
+
+
+def test_export_only_reuses_the_event_cache_and_exports_what_the_csv_gives(trained, demo_log, tmp_path, capsys):
+    """The training run cached the log; --export_only reuses it (no parse) and its vectors equal a --no-cache
+    export bit for bit; evaluate.py's CLI reuses it too."""
+    save_dir, _ = trained
+    vectors = {}
+    for flag in ("--cache", "--no-cache"):
+        work = tmp_path / flag
+        shutil.copytree(save_dir, work)
+        capsys.readouterr()
+        assert train.main(["--export_only", "--data_path", str(demo_log), "--save_dir", str(work), "--no_redis",
+                           "--no-progress", flag]) == 0
+        out = capsys.readouterr().out
+        assert ("event cache: reusing" in out) == (flag == "--cache") and "event cache: building" not in out
+        vectors[flag] = model_io.load_vectors(work)[:2]
+    assert np.array_equal(vectors["--cache"][0], vectors["--no-cache"][0])
+    assert np.array_equal(vectors["--cache"][1], vectors["--no-cache"][1])
+    assert evaluate.main(["--save_dir", str(save_dir), "--data_path", str(demo_log), "--no-progress"]) == 0
+    assert "event cache: reusing" in capsys.readouterr().out
 
 
 def test_redis_password_is_in_no_output_and_no_saved_file(demo_log, tmp_path, capsys):
@@ -382,13 +403,14 @@ def test_bad_input_is_one_error_line_without_traceback(tmp_path):
     assert flag.returncode == 2 and "Traceback" not in flag.stderr and "--lr must be a finite number" in flag.stderr
 
 
-def test_bugs_keep_their_traceback(demo_log, tmp_path, monkeypatch):
+@pytest.mark.parametrize("read", ["--no-cache", "--rebuild_cache"])   # read_events, or the event cache's build
+def test_bugs_keep_their_traceback(demo_log, tmp_path, monkeypatch, read):
     def bug(*args, **kw):
         raise KeyError("a bug, not bad input")
 
-    monkeypatch.setattr(train.data, "read_events", bug)
+    monkeypatch.setattr(train.data, "stream_events", bug)
     with pytest.raises(KeyError, match="a bug"):
-        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", *TINY])
+        train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", read, *TINY])
 
 
 def test_readme_documents_every_flag():
