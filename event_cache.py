@@ -400,20 +400,29 @@ def build(log_path: str, directory: Path, options: dict, n_shards: int, progress
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _swap_in(tmp, directory)
+        if not _swap_in(tmp, directory):           # another process's build of the same log landed first
+            return check(directory, log_path, options, None, verify=True)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by `tmp` with renames: a reader sees the old folder or the new one, whole."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f'.{directory.name}.old-{os.getpid()}')
-        shutil.rmtree(old, ignore_errors=True)
+def _swap_in(tmp: Path, directory: Path) -> bool:
+    """Replace `directory` by `tmp` with renames: a reader sees the old folder or the new one, whole. False when
+    another process put its own new cache there between the two renames (ours is then dropped)."""
+    old = directory.with_name(f'.{directory.name}.old-{os.getpid()}')
+    shutil.rmtree(old, ignore_errors=True)
+    try:
         os.rename(directory, old)
-    os.rename(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    except FileNotFoundError:
+        old = None
+    try:
+        os.rename(tmp, directory)
+        return True
+    except OSError:                                # a non-empty folder is there again: another build won
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
