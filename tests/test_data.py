@@ -571,3 +571,33 @@ def test_random_cuts_stay_inside_each_history_and_vary(rand_seqs):
     b = seqs.range_batch(s, c, 1, 7)                                          # the history: most recent 7 kept
     want = seqs.item[np.maximum(s, c - 7)[0]:c[0]]
     assert (b['item'][0, :len(want)] == want).all() and b['mask'][0].sum() == len(want)
+
+
+# ---------------------------------------------------------------- statistics from counts (the event cache's path)
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 10, 1001])
+def test_quantiles_and_median_from_counts_equal_numpy_on_the_rows(n):
+    rng = np.random.default_rng(n)
+    hours = 400_000 + rng.integers(0, max(2, n // 3), n)
+    values, counts = np.unique(hours, return_counts=True)
+    assert data.median_from_counts(values, counts) == np.median(hours)
+    for q in (0.0, 0.0005, 0.3, 0.5, 0.9995, 1.0):
+        for method in ('linear', 'lower', 'higher'):
+            assert data.quantile_from_counts(values, counts, q, method) == np.quantile(hours, q, method=method)
+
+
+@pytest.mark.parametrize('trim', [0.0, data.TIME_TRIM, 0.1])
+@pytest.mark.parametrize('min_count', [1, 3])
+def test_vocab_from_counts_equals_fit(trim, min_count):
+    ev = random_events(np.random.default_rng(7), n=5000, n_items=900)
+    fitted = data.Vocab.fit(ev, min_item_count=min_count, time_trim=trim)
+    counted = data.Vocab.from_counts(*np.unique(ev['item_id'], return_counts=True),
+                                     *np.unique(ev['category_id'], return_counts=True),
+                                     *np.unique(ev["hour"], return_counts=True),
+                                     min_item_count=min_count, time_trim=trim)
+    assert counted.fingerprint() == fitted.fingerprint()
+    for name in ('items', 'item_counts', 'categories', 'category_counts'):
+        assert np.array_equal(getattr(counted, name), getattr(fitted, name))
+    assert (counted.t_min, counted.t_max, counted.n_events, counted.n_distinct_items) == \
+           (fitted.t_min, fitted.t_max, fitted.n_events, fitted.n_distinct_items)
