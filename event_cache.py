@@ -47,7 +47,8 @@ COLUMNS = data.EVENT_COLUMNS + ['row']
 DTYPES = {**data.EVENT_DTYPES, 'row': np.int64}
 SHARD_SOURCE_BYTES = 64 << 20      # default: one shard per 64 MiB of CSV (~1.5M rows; a .gz counts 4x its size)
 MIN_SHARDS = 8                     # ... and at least this many, so 8 ranks can each take a share
-COMPRESSION = 'zstd'               # Parquet codec of the shards
+COMPRESSION = 'zstd'               # Parquet codec of the shards (measured on 8.7M rows, one row group a shard, with
+                                   # dictionary encoding: zstd 0.33 s / 86 MB, lz4 0.24 s / 127 MB, none 0.29 s / 179 MB)
 
 
 class CacheStale(Exception):
@@ -133,7 +134,7 @@ class Cache:
         import pyarrow.parquet as pq
         ks = self._shards(shards)
         n = sum(self.manifest['shards'][k]['rows'] for k in ks)
-        out = {c: np.empty(n, DTYPES[c]) for c in columns}
+        out = {c: _prefaulted_empty(n, DTYPES[c]) for c in columns}
         at = 0
         for k in ks:
             table = pq.read_table(self.directory / self.manifest['shards'][k]['file'], columns=columns)
@@ -193,6 +194,19 @@ class Cache:
                 c = {name: a[keep] for name, a in c.items()}
             counts.add(c['item_id'], c['category_id'], c['hour'])
         return counts.vocab(min_item_count, time_trim)
+
+
+def _prefaulted_empty(n: int, dtype) -> np.ndarray:
+    """np.empty(n, dtype) whose pages the kernel maps in one go (MAP_POPULATE) rather than one fault at a
+    time on first write: filling 400 MB measured 0.13 + 0.03 s instead of 0.9 s on this VM, and the events
+    table is ~1.7 GB at 50M rows. Plain np.empty where the flag does not exist."""
+    import mmap
+    nbytes = n * np.dtype(dtype).itemsize
+    flag = getattr(mmap, 'MAP_POPULATE', 0)
+    if nbytes < 1 << 20 or not flag:
+        return np.empty(n, dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flag)
+    return np.frombuffer(buf, dtype)                # the array keeps the mapping alive
 
 
 class _Counts:
@@ -387,7 +401,8 @@ def build(log_path: str, directory: Path, options: dict, n_shards: int, progress
             for h, n in zip(hours.tolist(), per_hour.tolist()):
                 final_hist[h] = final_hist.get(h, 0) + n
             name = f'shard-{k:05d}.parquet'
-            pq.write_table(pa.table({c: cols[c] for c in COLUMNS}), tmp / name, compression=COMPRESSION)
+            pq.write_table(pa.table({c: cols[c] for c in COLUMNS}), tmp / name, compression=COMPRESSION,
+                           row_group_size=max(1, len(cols['row'])))   # one row group: one chunk a column, read ~1.7x faster
             shards.append({'file': name, 'rows': int(len(cols['row'])), 'users': int(len(np.unique(cols['user_id']))),
                            'bytes': (tmp / name).stat().st_size, 'sha256': _sha256(tmp / name)})
             if bar is not None:
