@@ -232,3 +232,10 @@ def test_shards_partition_the_users_exactly_once(tmp_path, demo_log):
                           event_cache.shard_of_users(np.array([0, 1, 2, 10**12]), 7))    # stable, id-only
     with pytest.raises(IndexError):
         cache.events(shards=[5])
+
+
+def test_prefaulted_arrays_are_ordinary_writable_arrays():
+    a = event_cache._prefaulted_empty(300_000, np.int64)       # 2.4 MB: the mmap path
+    a[:] = np.arange(300_000)
+    assert a.dtype == np.int64 and len(a) == 300_000 and a.flags.writeable and a[-1] == 299_999
+    assert len(event_cache._prefaulted_empty(0, np.int8)) == 0
