@@ -7,6 +7,7 @@ Two input formats map onto one events table (columns and dtypes below):
   pv/fav/cart/buy, unix seconds (converted to China time, UTC+8).
 
     events, report = read_events('DATA/train_user')         # DataFrame + LoadReport (skipped rows by reason)
+    info = stream_events('DATA/train_user', sink)            # the same reading, chunk by chunk (event_cache.py)
     vocab = Vocab.fit(events)                                # item/category tables, time normalisation
     seqs = build_sequences(events, vocab)                    # CSR: offsets + flat per-event features
     batch = seqs.batch(seqs.trainable[:64], 'long', N_MIN, N_MAX)   # dict of padded numpy arrays
@@ -399,7 +400,8 @@ class _TypedParseFailed(Exception):
     pass
 
 
-def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: bool, progress: bool, sink) -> tuple[int, dict]:
+def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: bool, progress: bool,
+                    sink) -> tuple[int, dict]:
     """Stream the file in chunks, handing each chunk's valid rows to sink({column: array}, in file order)
     -> (rows_read, skipped counts)."""
     leading = _leading_long_lines(path) if fmt == 'tianchi' else []
