@@ -219,23 +219,35 @@ class _Counts:
 
     def add(self, items, categories, hours):
         for name, a in (('item', items), ('category', categories), ('hour', hours)):
-            self.totals[name] = _merge_counts(*self.totals[name], *np.unique(a, return_counts=True))
+            self.totals[name] = _merge_counts(*self.totals[name], *_distinct_counts(a))
 
     def vocab(self, min_item_count, time_trim) -> data.Vocab:
         return data.Vocab.from_counts(*self.totals['item'], *self.totals['category'], *self.totals['hour'],
                                       min_item_count=min_item_count, time_trim=time_trim)
 
 
+def _distinct_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(a, return_counts=True) by hashing (pandas), then sorting only the distinct values: ~5x faster
+    than np.unique's sort of every row when values repeat (categories, hours, popular items)."""
+    vc = pd.Series(a, copy=False).value_counts(sort=False)
+    values, counts = vc.index.to_numpy(np.int64), vc.to_numpy(np.int64)
+    order = np.argsort(values)
+    return values[order], counts[order]
+
+
 def _merge_counts(a, a_counts, b, b_counts):
-    """Two (sorted distinct values, counts) -> their sum, sorted: a stable sort of two sorted runs is one merge."""
-    values = np.concatenate([a, b])
-    counts = np.concatenate([a_counts, b_counts])
-    order = np.argsort(values, kind='stable')
-    values, counts = values[order], counts[order]
-    if len(values) == 0:
-        return values, counts
-    first = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-    return values[first], np.add.reduceat(counts, first)
+    """Two (sorted distinct values, counts) -> their sum, sorted: b's values found in a add to their counts,
+    the others are inserted in place (a binary search each, no sort of the union)."""
+    if len(a) == 0:
+        return b, b_counts
+    pos = np.searchsorted(a, b)
+    found = a[np.minimum(pos, len(a) - 1)] == b
+    a_counts = a_counts.copy()
+    a_counts[pos[found]] += b_counts[found]
+    if found.all():
+        return a, a_counts
+    new = ~found
+    return np.insert(a, pos[new], b[new]), np.insert(a_counts, pos[new], b_counts[new])
 
 
 def _multiset_hash(values: np.ndarray) -> int:

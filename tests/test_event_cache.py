@@ -239,3 +239,15 @@ def test_prefaulted_arrays_are_ordinary_writable_arrays():
     a[:] = np.arange(300_000)
     assert a.dtype == np.int64 and len(a) == 300_000 and a.flags.writeable and a[-1] == 299_999
     assert len(event_cache._prefaulted_empty(0, np.int8)) == 0
+
+
+def test_counts_added_over_shards_equal_one_count_of_all_rows():
+    rng = np.random.default_rng(5)
+    parts = [rng.integers(0, n, size) for n, size in ((50, 400), (1000, 30), (10, 0), (5000, 2000), (3, 7))]
+    total = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    for p in parts:
+        assert all(np.array_equal(x, y) for x, y in zip(event_cache._distinct_counts(p),
+                                                         np.unique(p, return_counts=True)))
+        total = event_cache._merge_counts(*total, *event_cache._distinct_counts(p))
+    want = np.unique(np.concatenate(parts), return_counts=True)
+    assert np.array_equal(total[0], want[0]) and np.array_equal(total[1], want[1])
