@@ -184,6 +184,21 @@ def sharded_user_vectors(model, seqs, users: np.ndarray | None, ctx: Context, de
     return gather_array(local, split_sizes(len(users), ctx.world), ctx, device)
 
 
+def gather_own_user_vectors(model, seqs, ctx: Context, device: torch.device, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """Each rank embeds the users it read itself (seqs: its own users' sequences, None when it has none);
+    every rank gets (every user id, their vectors) sorted by id, the order one process's Sequences has."""
+    hidden = getattr(model, "module", model).cfg.hidden_dim
+    local_ids = np.zeros(0, np.int64) if seqs is None else seqs.user_ids
+    kw["progress"] = kw.get("progress", True) and ctx.is_main
+    local = (np.zeros((0, hidden), np.float32) if seqs is None
+             else inference.compute_user_vectors(model, seqs, np.arange(seqs.n_users), device=device, **kw))
+    parts = gather_objects(local_ids, ctx)
+    ids = np.concatenate(parts)
+    vectors = gather_array(local, [len(p) for p in parts], ctx, device)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], vectors[order]
+
+
 # ----------------------------------------------------------------------------------------------- model
 def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
     """The training-step module: the model itself, inside DistributedDataParallel when distributed (its

@@ -286,9 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -----------------------------------------------------------------------------
 # data
 
-def read_log(cfg, ctx=distributed.Context()):
+def read_log(cfg, ctx=distributed.Context(), own_shards: bool = False):
     """Read the log, generating the demo log first when the default folder holds none (one process per
-    node writes it; every process reads the log)."""
+    node writes it; every process reads the log). own_shards (with the cache, distributed): only the users
+    of this process's shards (shard k goes to rank k mod world), so each holds ~1/world of the events."""
     path = Path(cfg.data_path)
     if cfg.data_path == DATA_PATH and not _has_log(path) and ctx.local_rank == 0:
         target = path / data.TIANCHI_FILE
@@ -303,6 +304,11 @@ def read_log(cfg, ctx=distributed.Context()):
         return events
     cache = load_cache(cfg, ctx)
     print(cache.report.summary())
+    if own_shards and ctx.distributed:
+        shards = list(range(ctx.rank, cache.n_shards, ctx.world))
+        print(f"each of {ctx.world} processes reads only its own user shards of the cache's {cache.n_shards} "
+              f"(rank 0: {len(shards)})")
+        return cache.events(shards)
     return cache.events()
 
 
@@ -642,14 +648,18 @@ def _load_summary(load) -> str:
 # -----------------------------------------------------------------------------
 # export and evaluation
 
-def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = distributed.Context()) -> int:
+def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = distributed.Context(),
+           own_users: bool = False) -> int:
     """Every user's long-term vector (most recent N_MAX events through the long tower) -> disk -> Redis.
-    Distributed, each rank computes a share of the users, rank 0 writes the file, and each rank publishes
-    its own share (see publish)."""
+    Distributed, each rank computes a share of the users (own_users: seqs holds only this rank's users, None
+    if it has none), rank 0 writes the file, and each rank publishes a share (see publish)."""
     t0 = time.perf_counter()
-    vectors = distributed.sharded_user_vectors(model, seqs, None, ctx, device, part="all", tower="long",
-                                               min_len=cfg.n_min, max_len=cfg.n_max,
-                                               batch_size=cfg.export_batch_size, progress=cfg.progress)
+    kw = dict(part="all", tower="long", min_len=cfg.n_min, max_len=cfg.n_max, batch_size=cfg.export_batch_size,
+              progress=cfg.progress)
+    if own_users:
+        user_ids, vectors = distributed.gather_own_user_vectors(model, seqs, ctx, device, **kw)
+    else:
+        user_ids, vectors = seqs.user_ids, distributed.sharded_user_vectors(model, seqs, None, ctx, device, **kw)
     seconds = time.perf_counter() - t0
     bad = int((~np.isfinite(vectors)).any(axis=1).sum())  # every rank holds every vector: one verdict
     if bad:  # checked before the disk, so a NaN file never replaces good vectors
@@ -660,11 +670,11 @@ def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = di
                          "retrain with a lower --lr (or a larger --tau).")
     path = Path(cfg.save_dir) / model_io.VECTORS_FILE
     if ctx.is_main:
-        path = model_io.save_vectors(cfg.save_dir, seqs.user_ids, vectors, version)
+        path = model_io.save_vectors(cfg.save_dir, user_ids, vectors, version)
         print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
               f"-> {path}")
     distributed.barrier(ctx)  # on disk before any of them reaches Redis
-    return publish(cfg, seqs.user_ids, vectors, version, path, ctx)
+    return publish(cfg, user_ids, vectors, version, path, ctx)
 
 
 def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vectors_path: Path,
@@ -768,8 +778,11 @@ def run_export_only(cfg, device, ctx: distributed.Context = distributed.Context(
     model, vocab, config = model_io.load_model(cfg.save_dir, device)
     for key in ("n_min", "n_max"):  # sequences as the model was trained on
         setattr(cfg, key, config["train"][key])
-    seqs = make_sequences(read_log(cfg, ctx), vocab)
-    return export(cfg, model, seqs, config["model_version"], device, ctx)
+    own = cfg.cache and ctx.distributed  # each rank reads and embeds only the users of its own cache shards
+    events = read_log(cfg, ctx, own_shards=own)
+    seqs = (make_sequences(events, vocab, "rank 0's sequences" if own else "sequences")
+            if len(events) or not own else None)
+    return export(cfg, model, seqs, config["model_version"], device, ctx, own_users=own)
 
 
 def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history, device) -> dict:

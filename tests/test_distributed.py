@@ -2,6 +2,7 @@
 global expert statistics, one writer of files and of Redis."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,10 @@ def test_sharded_export_only_equals_the_training_export(runs, tmp_path, redis_cl
                     "--redis_url", redis_cluster.url, "--redis_prefix", "ddp3:", "--redis_layout", "versioned",
                     "--redis_format", "f32", nproc=3)
     assert "each of 3 processes wrote its share" in done.stdout
+    # with the event cache (the default) each rank read only its own shards: rank 0 about a third of the users
+    assert "each of 3 processes reads only its own user shards" in done.stdout
+    rank0_users = int(re.search(r"rank 0's sequences: (\d+) users", done.stdout).group(1))
+    assert 0 < rank0_users < 120 * 0.6
     ids, vectors, _ = model_io.load_vectors(saved)
     ids0, vectors0, _ = model_io.load_vectors(runs["two"])
     assert np.array_equal(ids, ids0) and np.allclose(vectors, vectors0, atol=1e-6)
