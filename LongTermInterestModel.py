@@ -392,6 +392,8 @@ def _metrics(loss, cos_pos, cos_neg, acc) -> dict:
             'acc': acc.detach().mean()}
 
 
+MERGE_MOE = True
+
 # ---------------------------------------------------------------------------------------- whole model
 class LongTermInterestModel(nn.Module):
     """The four modules together: feature_embedding -> moe_layer -> long_term / short_term towers.
@@ -435,7 +437,17 @@ class LongTermInterestModel(nn.Module):
         pairs, one per candidate set (the 'allaction' objective's future items and categories).
         Every parameter the step trains is used in this one call, which DistributedDataParallel needs."""
         cands = [self.feature_embedding.target(i, c) for i, c in candidates or ()]
-        return self.encode(long_batch, 'long'), self.encode(short_batch, 'short'), cands
+        if not MERGE_MOE:
+            return self.encode(long_batch, 'long'), self.encode(short_batch, 'short'), cands
+        fe = self.feature_embedding
+        batches = (long_batch, short_batch)
+        masks = [batch_mask(b) for b in batches]
+        xs, _ = self.moe_layer.forward_parts([(fe(b), m) for b, m in zip(batches, masks)])
+        vectors = []
+        for tower, b, m, x in zip((self.long_term, self.short_term), batches, masks, xs):
+            targets = fe.target(b['item'], b['category']) if self.cfg.skip_pool else None
+            vectors.append(tower(x, m, targets, b['item'] > 1))
+        return vectors[0], vectors[1], cands
 
     def param_groups(self) -> tuple[list, list]:
         """(sparse, dense) parameters: the item table when it has sparse gradients (for SparseAdam), and
