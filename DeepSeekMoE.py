@@ -31,6 +31,12 @@ records the step's max-violation on the device; end_epoch() reports them as 'ste
 Dispatch has no per-expert host syncs: counts come from `bincount` on the device, the (token, expert)
 pairs are sorted by expert and every expert runs on a contiguous slice through `torch._grouped_mm`.
 Padded positions are neither routed nor counted; their output is the input (zero from the embedding).
+`MoE.forward_parts` sends several inputs (the training step's long and short sequences) through one
+dispatch, so each expert's matmuls get the rows of all of them.
+On the CPU torch._grouped_mm runs one small mm per group. One torch.bmm over the routed pairs scattered
+into a zero-padded (experts, largest group, d) buffer was measured as the alternative (issue 15) and lost:
+0.42-0.70x the speed on the groups of real training steps (the largest group is 2-4x the mean, and bmm
+beats the grouped call by only 1.16x at ~100 rows per expert even without padding).
 """
 from __future__ import annotations
 
@@ -47,7 +53,6 @@ BALANCE_MODES = ('running', 'seed', 'bias', 'none')
 # 'running': floor of the window load in the update, so an expert never used yet (load 0) gets a finite
 # push, running_gain * log(1e4) per step.
 RUNNING_LOAD_FLOOR = 1e-4
-CPU_EXPERTS = 'grouped'
 
 
 @dataclass
@@ -193,112 +198,6 @@ class _SortedExperts(torch.autograd.Function):
             gz.masked_fill_(~real.unsqueeze(1), 0)
             grad_xn = gy.new_zeros(t, d).index_add_(0, token, gz)
         return grad_xn, grad_w_in, grad_w_out, grad_w, None, None, None
-
-
-class _PaddedExperts(torch.autograd.Function):
-    """The CPU path of the experts: the routed experts as ONE batched matmul over a zero-padded buffer.
-
-    The sorted (token, expert) pairs of the E routed experts are scattered into an (E, C, d) buffer, C = the
-    largest routed group of this call rounded up to a multiple of 8; torch.bmm then runs every expert at
-    once, and the rows are gathered back. The zero padding rows stay exactly zero through the SwiGLU
-    (silu(0) * 0 = 0) and the backward, so the results equal the per-group ones up to float rounding. Each
-    shared expert's group (every real token) is already large: one plain mm each.
-    Why: on the CPU torch._grouped_mm loops over the groups with small mm calls, and the transposed
-    weight-gradient GEMMs of tens of rows run far below the GEMM peak; one bmm over the padded buffer is
-    faster despite the padding (see the commit message for the measured ratio).
-    `plan` (host ints: E, C, end of the routed pairs, end of the real pairs, shared group bounds) and `dest`
-    (the routed pairs' rows in the buffer) come from `_padded_plan`.
-    """
-
-    @staticmethod
-    def forward(ctx, xn, w_in, w_out, w, token, dest, plan):
-        e, cap, r_routed, r_real, shared = plan
-        t, d = xn.shape
-        hid = w_out.shape[2]
-        token = token[:r_real]
-        z = xn.index_select(0, token)                                       # (r, d) pair inputs
-        out = torch.empty_like(z)                                           # (r, d) pair outputs
-        zb = ab = sb = hb = None
-        if r_routed:
-            zb = xn.new_zeros(e * cap, d).index_copy_(0, dest, z[:r_routed]).view(e, cap, d)
-            ab = torch.bmm(zb, w_in[:e])                                    # (e, C, 2h)
-            sb = F.silu(ab[..., :hid])                                      # (e, C, h)
-            hb = sb * ab[..., hid:]
-            ob = torch.bmm(hb, w_out[:e].transpose(1, 2))                   # (e, C, d)
-            torch.index_select(ob.view(e * cap, d), 0, dest, out=out[:r_routed])
-        sh = []
-        for j, (lo, hi) in enumerate(shared):
-            a = z[lo:hi] @ w_in[e + j]                                      # (n, 2h)
-            s = F.silu(a[:, :hid])
-            h = s * a[:, hid:]
-            torch.mm(h, w_out[e + j].t(), out=out[lo:hi])
-            sh.append((a, s, h))
-        y = xn.new_zeros(t, d).index_add_(0, token, out * w[:r_real].unsqueeze(1))
-        ctx.plan = plan
-        ctx.shapes = (t, d, w_in.shape[0], w.shape[0])
-        ctx.sh = sh
-        ctx.save_for_backward(z, w_in, w_out, w, token, dest, out, zb, ab, sb, hb)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        z, w_in, w_out, w, token, dest, out, zb, ab, sb, hb = ctx.saved_tensors
-        e, cap, r_routed, r_real, shared = ctx.plan
-        t, d, g_all, r_all = ctx.shapes
-        hid = w_out.shape[2]
-        g = gy.index_select(0, token)                                       # (r, d)
-        grad_w = None
-        if ctx.needs_input_grad[3]:
-            grad_w = w.new_zeros(r_all)
-            grad_w[:r_real] = (g * out).sum(1)
-        g.mul_(w[:r_real].unsqueeze(1))                                     # d loss / d out
-        grad_w_in = w_in.new_zeros(w_in.shape)
-        grad_w_out = w_out.new_zeros(w_out.shape)
-        gz = torch.empty_like(z) if ctx.needs_input_grad[0] else None       # (r, d) d loss / d z
-        if r_routed:
-            gb = g.new_zeros(e * cap, d).index_copy_(0, dest, g[:r_routed]).view(e, cap, d)
-            torch.bmm(gb.transpose(1, 2), hb, out=grad_w_out[:e])           # (e, d, h)
-            gh = torch.bmm(gb, w_out[:e])                                   # (e, C, h)
-            ga = torch.empty_like(ab)
-            torch.mul(gh, sb, out=ga[..., hid:])
-            gh.mul_(ab[..., hid:])
-            torch.ops.aten.silu_backward.grad_input(gh, ab[..., :hid], grad_input=ga[..., :hid])
-            torch.bmm(zb.transpose(1, 2), ga, out=grad_w_in[:e])            # (e, d, 2h)
-            if gz is not None:
-                gzb = torch.bmm(ga, w_in[:e].transpose(1, 2))               # (e, C, d)
-                torch.index_select(gzb.view(e * cap, d), 0, dest, out=gz[:r_routed])
-        for j, ((lo, hi), (a, s, h)) in enumerate(zip(shared, ctx.sh)):
-            gj = g[lo:hi]
-            torch.mm(gj.t(), h, out=grad_w_out[e + j])
-            gh = gj @ w_out[e + j]
-            ga = torch.empty_like(a)
-            torch.mul(gh, s, out=ga[:, hid:])
-            gh.mul_(a[:, hid:])
-            torch.ops.aten.silu_backward.grad_input(gh, a[:, :hid], grad_input=ga[:, :hid])
-            torch.mm(z[lo:hi].t(), ga, out=grad_w_in[e + j])
-            if gz is not None:
-                torch.mm(ga, w_in[e + j].t(), out=gz[lo:hi])
-        ctx.sh = None
-        grad_xn = gy.new_zeros(t, d).index_add_(0, token, gz) if gz is not None else None
-        return grad_xn, grad_w_in, grad_w_out, grad_w, None, None, None
-
-
-def _padded_plan(expert: torch.Tensor, sizes: torch.Tensor, n_routed: int):
-    """Host plan of _PaddedExperts from the sorted pairs' expert ids (r,) and the group sizes (E+S,) (one
-    host sync): (E, C, end of the routed pairs, end of the real pairs, [(start, end) of each shared group]),
-    and the routed pairs' rows (r_routed,) in the (E*C, d) buffer."""
-    host = sizes.tolist()
-    routed = host[:n_routed]
-    cap = (max(routed) + 7) // 8 * 8 if routed else 0
-    r_routed = sum(routed)
-    shared, lo = [], r_routed
-    for n in host[n_routed:]:
-        shared.append((lo, lo + n))
-        lo += n
-    starts = sizes[:n_routed].cumsum(0) - sizes[:n_routed]                # (E,) first pair of each group
-    ex = expert[:r_routed]
-    dest = ex * cap + torch.arange(r_routed, device=expert.device) - starts[ex]
-    return (n_routed, cap, r_routed, lo, tuple(shared)), dest
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -620,9 +519,7 @@ class MoE(nn.Module):
         tokens = valid.sum() if valid is not None else xf.new_full((), t, dtype=torch.long)
         if self.training:
             self.router.track(counts)
-        if xf.device.type == 'cpu' and CPU_EXPERTS == 'padded':
-            y = self._experts_padded(xn, expert, token, w, sizes)
-        elif _grouped_mm_supported(xf):
+        if _grouped_mm_supported(xf):
             y = self._experts_grouped(xn, expert, token, w, sizes)          # (t, d)
         else:
             y = self._experts_split(xn, expert, token, w, sizes)
@@ -659,12 +556,6 @@ class MoE(nn.Module):
         real = expert < self.n_experts                                      # (r,) pairs of real tokens
         return _SortedExperts.apply(xn, self.w_in.to(xn.dtype), self.w_out.to(xn.dtype), w.to(xn.dtype),
                                     token, group_ends, real)
-
-    def _experts_padded(self, xn, expert, token, w, sizes) -> torch.Tensor:
-        """Mixed expert outputs (t, d) through one padded bmm over the routed experts (CPU)."""
-        plan, dest = _padded_plan(expert, sizes, self.cfg.n_routed_experts)
-        return _PaddedExperts.apply(xn, self.w_in.to(xn.dtype), self.w_out.to(xn.dtype), w.to(xn.dtype),
-                                    token, dest, plan)
 
     def _experts_split(self, xn, expert, token, w, sizes) -> torch.Tensor:
         """Fallback without a usable grouped matmul: per-expert contiguous slices (one host sync)."""

@@ -392,8 +392,6 @@ def _metrics(loss, cos_pos, cos_neg, acc) -> dict:
             'acc': acc.detach().mean()}
 
 
-MERGE_MOE = True
-
 # ---------------------------------------------------------------------------------------- whole model
 class LongTermInterestModel(nn.Module):
     """The four modules together: feature_embedding -> moe_layer -> long_term / short_term towers.
@@ -435,10 +433,12 @@ class LongTermInterestModel(nn.Module):
         """The training step's vectors: (long-tower vectors, short-tower vectors, [target vectors of each
         candidate set]); `batch_loss` turns them into the loss. candidates: (item, category) index tensor
         pairs, one per candidate set (the 'allaction' objective's future items and categories).
-        Every parameter the step trains is used in this one call, which DistributedDataParallel needs."""
+        Every parameter the step trains is used in this one call, which DistributedDataParallel needs.
+        The vectors are encode(long_batch, 'long') and encode(short_batch, 'short'), except that both
+        batches pass the MoE layer together (MoE.forward_parts: one dispatch, so each expert's matmuls get
+        the rows of both; the short batch alone gives the 100 experts ~15 rows each, far below the CPU's
+        GEMM peak) and so share one MoE dropout draw."""
         cands = [self.feature_embedding.target(i, c) for i, c in candidates or ()]
-        if not MERGE_MOE:
-            return self.encode(long_batch, 'long'), self.encode(short_batch, 'short'), cands
         fe = self.feature_embedding
         batches = (long_batch, short_batch)
         masks = [batch_mask(b) for b in batches]

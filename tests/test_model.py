@@ -334,3 +334,30 @@ def test_cpu_attention_dropout_is_sdpa_in_expectation_and_respects_the_mask():
     keep = _dropout_scale((200_000,), 0.3, torch.float32, torch.device('cpu'))
     assert keep.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
     assert float((keep > 0).float().mean()) == pytest.approx(0.7, abs=0.005)
+
+
+@pytest.mark.parametrize('skip_pool', [True, False])
+def test_training_forward_equals_encoding_each_part_alone(skip_pool):
+    """forward() sends the long and short batches through the MoE in one dispatch (MoE.forward_parts):
+    without dropout its vectors and every gradient equal encode() of each batch alone, and the expert
+    counts tracked for the step are the same."""
+    torch.manual_seed(9)
+    model = LongTermInterestModel(tiny_cfg(dropout=0.0, skip_pool=skip_pool, target_head=skip_pool),
+                                  tiny_moe_cfg(dropout=0.0, n_routed_experts=6)).train()
+    long_b, short_b = make_batch([9, 7, 0, 8], 9), make_batch([3, 2, 1, 0], 3, 1)
+    gl, gs = torch.randn(4, 8), torch.randn(4, 8)
+    params = [p for p in model.parameters()]
+    long_v, short_v, _ = model(long_b, short_b)
+    counts = model.moe_layer.router.step_counts.clone()
+    grads = torch.autograd.grad((long_v * gl).sum() + (short_v * gs).sum(), params, allow_unused=True)
+    model.moe_layer.router.step_counts.zero_()
+    ref_l, ref_s = model.encode(long_b, 'long'), model.encode(short_b, 'short')
+    assert torch.equal(model.moe_layer.router.step_counts, counts)
+    ref_grads = torch.autograd.grad((ref_l * gl).sum() + (ref_s * gs).sum(), params, allow_unused=True)
+    torch.testing.assert_close(long_v, ref_l, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(short_v, ref_s, atol=1e-6, rtol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            a, b = (a.to_dense(), b.to_dense()) if a.is_sparse else (a, b)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)

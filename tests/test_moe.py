@@ -64,6 +64,47 @@ def test_sorted_dispatch_matches_reference_loop(dim, shared):
     assert grads[1].abs().sum() > 0                           # the router learns through the mixing weights
 
 
+
+@pytest.mark.parametrize('dim', [16, 13])
+def test_forward_parts_matches_the_calls_one_by_one_and_the_reference(dim):
+    """One dispatch for several inputs (the training step's long and short sequences) = each input alone:
+    outputs, every gradient and the counts; with padded tokens, a fully padded row, an input without a
+    mask, and experts that no token of one part (or of any) chooses."""
+    torch.manual_seed(6)
+    moe = MoE(tiny(dim=dim, n_routed_experts=12, n_shared_experts=1, balance='bias')).train()   # dropout 0
+    with torch.no_grad():
+        moe.router.bias[:3] = -10.0                                      # experts 0..2: never chosen
+    xa = torch.randn(3, 9, dim, requires_grad=True)
+    ma = right_padded_mask([9, 2, 0], 9)
+    xb = torch.randn(2, 4, dim, requires_grad=True)
+    xc = torch.randn(1, 3, dim, requires_grad=True)
+    ga, gb, gc = torch.randn(3, 9, dim), torch.randn(2, 4, dim), torch.randn(1, 3, dim)
+    params = [xa, xb, xc] + list(moe.parameters())
+    (ya, yb, yc), stats = moe.forward_parts([(xa, ma), (xb, None), (xc, right_padded_mask([1], 3))])
+    counts = moe.router.step_counts.clone()
+    grads = torch.autograd.grad((ya * ga).sum() + (yb * gb).sum() + (yc * gc).sum(), params)
+    moe.router.step_counts.zero_()
+    refs, ref_counts = [], 0
+    for x, m in ((xa, ma), (xb, None), (xc, right_padded_mask([1], 3))):
+        y, st = moe(x, m, return_stats=True)
+        refs.append(y)
+        ref_counts = ref_counts + st.counts
+    assert torch.equal(stats.counts, ref_counts) and torch.equal(counts, ref_counts)
+    assert torch.equal(moe.router.step_counts, ref_counts)               # tracked as the calls one by one
+    assert int(stats.tokens) == 11 + 8 + 1
+    assert (ref_counts[:3] == 0).all() and (ref_counts[3:] > 0).any()   # empty experts
+    ref_grads = torch.autograd.grad((refs[0] * ga).sum() + (refs[1] * gb).sum() + (refs[2] * gc).sum(), params)
+    loop = [forward_reference(moe, x, m) for x, m in ((xa, ma), (xb, None), (xc, right_padded_mask([1], 3)))]
+    loop_grads = torch.autograd.grad((loop[0] * ga).sum() + (loop[1] * gb).sum() + (loop[2] * gc).sum(), params)
+    for y, r, l in zip((ya, yb, yc), refs, loop):
+        torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ya[~ma], xa[~ma])                          # padded tokens pass through
+    names = ['xa', 'xb', 'xc'] + [n for n, _ in moe.named_parameters()]
+    for name, a, b, c in zip(names, grads, ref_grads, loop_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4, msg=name)
+
 def test_split_fallback_matches_grouped():
     torch.manual_seed(2)
     moe = MoE(tiny(dim=13))
