@@ -172,15 +172,17 @@ def _attention_dropout(q, k, v, attn_mask: torch.Tensor, p: float) -> torch.Tens
     (it converts the bool mask per head and scans the scores for fully masked rows), and bernoulli_ masks
     cost more than the attention matmuls.
 
-    q, k, v (B, H, N, hd); attn_mask (B, 1, 1, N) bool, True = key may be attended to -> (B, H, N, hd).
+    q (B, H, Nq, hd), k, v (B, H, N, hd); attn_mask (B, 1, 1, N) bool, True = key may be attended to
+    -> (B, H, Nq, hd).
     """
-    b, h, n, hd = q.shape
+    b, h, nq, hd = q.shape
+    n = k.shape[2]
     bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float('-inf'))
     bias = bias.expand(b, h, 1, n).reshape(b * h, 1, n)                     # (BH, 1, N) additive key mask
-    scores = torch.baddbmm(bias, q.reshape(b * h, n, hd), k.reshape(b * h, n, hd).transpose(1, 2),
-                           alpha=hd ** -0.5)                                # (BH, N, N)
+    scores = torch.baddbmm(bias, q.reshape(b * h, nq, hd), k.reshape(b * h, n, hd).transpose(1, 2),
+                           alpha=hd ** -0.5)                                # (BH, Nq, N)
     probs = scores.softmax(-1) * _dropout_scale(scores.shape, p, scores.dtype, scores.device)
-    return torch.bmm(probs, v.reshape(b * h, n, hd)).view(b, h, n, hd)
+    return torch.bmm(probs, v.reshape(b * h, n, hd)).view(b, h, nq, hd)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -221,10 +223,26 @@ class Block(nn.Module):
         self.p_drop = cfg.dropout
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C); attn_mask (B, 1, 1, N) bool, True = key may be attended to."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """x (B, N, C); attn_mask (B, 1, 1, N) bool, True = key may be attended to -> (B, N, C).
+
+        first_only: return only the first position's output (B, 1, C), the same as forward(...)[:, :1]:
+        every position is still a key and a value, but only the first one is a query, so the query
+        projection, the attention rows, the output projection and the feed-forward run for one row
+        instead of N (the last layer of a [CLS]-pooled tower, whose other outputs nobody reads).
+        """
         b, n, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        h = self.norm1(x)
+        if first_only:
+            inner = self.heads * self.head_dim
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(h[:, :1], w[:inner], bias[:inner]).view(b, 1, 1, self.heads, self.head_dim)
+            kv = F.linear(h, w[inner:], bias[inner:]).view(b, n, 2, self.heads, self.head_dim)
+            q = q.permute(2, 0, 3, 1, 4)[0]                                                 # (B, H, 1, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4)                                                # (B, H, N, hd)
+            x, n = x[:, :1], 1
+        else:
+            q, k, v = self.qkv(h).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p_attn = self.p_drop if self.training else 0.0
         if p_attn > 0 and x.device.type == 'cpu':  # SDPA's CPU path with dropout is the slow math one
             a = _attention_dropout(q, k, v, attn_mask, p_attn)                               # (B, H, N, hd)
@@ -275,8 +293,10 @@ class InterestTower(nn.Module):
         x = torch.cat([self.cls.expand(b, 1, -1).to(x.dtype), x], dim=1)    # (B, 1+L, width)
         keys = F.pad(mask, (1, 0), value=True)                               # (B, 1+L)
         attn_mask = keys[:, None, None, :]                                   # (B, 1, 1, 1+L)
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        for i, block in enumerate(self.blocks):
+            # [CLS] pooling reads only position 0 of the last layer: that layer computes only its row
+            last = i == len(self.blocks) - 1 and self.cfg.pooling == 'cls'
+            x = block(x, attn_mask, first_only=last)
         x = self.norm(x)
         if self.cfg.pooling == 'cls':
             pooled = x[:, 0]

@@ -553,7 +553,8 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 3, device: str = 'cpu', dtype=
 def model_flops(cfg, long_len: int, long_real: float, short_len: int, short_real: float, train: bool = True,
                 attention_only: bool = False) -> float:
     """Analytic matmul FLOPs per user: feature projection and MoE on the real events (padded tokens are not
-    routed), both towers on every padded position + [CLS]; x3 for forward + backward when `train`
+    routed), both towers on every padded position + [CLS] (a [CLS]-pooled tower's last layer: keys and
+    values of every position, the rest for [CLS] only, as computed); x3 for forward + backward when `train`
     (export passes train=False and short_len=0: the long tower only). attention_only: just the two
     attention matmuls (q k^T, probs @ v), the part that grows with the square of the length.
 
@@ -570,10 +571,15 @@ def model_flops(cfg, long_len: int, long_real: float, short_len: int, short_real
 
     def tower(n_pos: int) -> float:
         attention = 2 * 2 * n_pos * n_pos * inner                                  # q k^T and probs @ v
+        row = 2 * w * inner + 2 * inner * w + 2 * 2 * w * 4 * w                    # q, out, FFN (mlp 4): one position
+        per_layer = n_pos * (2 * w * 2 * inner + row)                              # + k, v
+        # a [CLS]-pooled tower's last layer computes only the [CLS] row (keys and values of every position)
+        first_only = getattr(cfg, 'pooling', 'cls') == 'cls'
+        last_attention = 2 * 2 * n_pos * inner if first_only else attention
+        last = n_pos * 2 * w * 2 * inner + row if first_only else per_layer
         if attention_only:
-            return cfg.depth * attention
-        per_layer = n_pos * (2 * w * 3 * inner + 2 * inner * w + 2 * 2 * w * 4 * w)   # qkv, out, FFN (mlp 4)
-        return cfg.depth * (per_layer + attention) + 2 * w * cfg.hidden_dim        # + head
+            return (cfg.depth - 1) * attention + last_attention
+        return (cfg.depth - 1) * (per_layer + attention) + last + last_attention + 2 * w * cfg.hidden_dim   # + head
 
     fwd = long_real * per_event + tower(long_len + 1)
     if short_len:

@@ -361,3 +361,27 @@ def test_training_forward_equals_encoding_each_part_alone(skip_pool):
         if a is not None:
             a, b = (a.to_dense(), b.to_dense()) if a.is_sparse else (a, b)
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_block_first_only_is_the_first_row_of_the_full_layer(training):
+    """Block(first_only=True) = Block(...)[:, :1] (outputs and gradients; padded keys masked), which is
+    what a [CLS]-pooled tower's last layer computes; mean pooling still runs every row."""
+    from LongTermInterestModel import Block
+    torch.manual_seed(11)
+    block = Block(tiny_cfg(dropout=0.0)).train(training)
+    x = torch.randn(3, 6, 16, requires_grad=True)
+    keys = F.pad(torch.arange(5) < torch.tensor([[5], [2], [0]]), (1, 0), value=True)[:, None, None, :]
+    g = torch.randn(3, 1, 16)
+    params = [x] + list(block.parameters())
+    full = block(x, keys)[:, :1]
+    first = block(x, keys, first_only=True)
+    assert first.shape == (3, 1, 16)
+    torch.testing.assert_close(first, full, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad((first * g).sum(), params), torch.autograd.grad((full * g).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    tower = InterestTower(tiny_cfg(dropout=0.0, pooling='mean', skip_pool=False, target_head=False))
+    calls = []
+    tower.blocks[-1].register_forward_hook(lambda m, args, kwargs, out: calls.append(out.shape), with_kwargs=True)
+    tower(torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool))
+    assert calls == [(2, 6, 16)]
