@@ -741,7 +741,7 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
         return 0
     print(f"published {summary['count']} vectors to {redis_store.safe_url(url)} "
           f"(format {cfg.redis_format}, layout {cfg.redis_layout}, model {version}"
-          + (f"; each of {ctx.world} processes wrote its share" if ctx.distributed else "") + ")")
+          + (f"; each of {ctx.world} processes wrote its share" if sharded else "") + ")")
     example = int(user_ids[0])
     if cfg.redis_layout == "plain" and cfg.redis_format == "json":
         safe = redis_store.safe_url(url)
