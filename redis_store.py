@@ -405,7 +405,8 @@ def _connect_cluster(url: str, timeout: float, socket_timeout: float, ctx: dict)
 # ----------------------------------------------------------------------------- publishing
 
 
-def _check_options(fmt, layout, version, ttl, batch_size, grace_s) -> None:
+def _check_options(fmt, layout, version, ttl) -> None:
+    """What `begin` decides with: checked before it writes anything."""
     if fmt not in FORMATS:
         raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
     if layout not in LAYOUTS:
@@ -414,6 +415,9 @@ def _check_options(fmt, layout, version, ttl, batch_size, grace_s) -> None:
         raise ValueError(f'version must be 1-128 characters from [A-Za-z0-9._-], got {version!r}')
     if ttl is not None and (int(ttl) != ttl or ttl <= 0):
         raise ValueError(f'ttl must be a positive number of seconds or None, got {ttl!r}')
+
+
+def _check_sizes(batch_size, grace_s) -> None:
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')
     if grace_s <= 0:
@@ -593,7 +597,8 @@ def publish(client, user_ids, vectors, *, prefix: str = '', fmt: str = 'json',
         ValueError: bad arguments (before anything is written).
         RedisExportError: Redis failed, or a bookkeeping key belongs to someone else.
     """
-    _check_options(fmt, layout, version, ttl, batch_size, grace_s)
+    _check_options(fmt, layout, version, ttl)  # all arguments before the vectors, as before the split
+    _check_sizes(batch_size, grace_s)
     ids, vectors, fingerprint = prepare(user_ids, vectors, fmt)
     ctx = {'vectors_path': vectors_path, 'republish_hint': republish_hint}
     t0 = time.perf_counter()
@@ -612,7 +617,7 @@ def begin(client, *, prefix: str = '', fmt: str = 'json', layout: str = 'plain',
           vectors_path: str | None = None, republish_hint: str | None = None) -> PublishPlan:
     """Check that the bookkeeping keys are this tool's, and (versioned) register the new set before any of
     its keys is written, so a failed publish is retired by a later one. Raises RedisExportError."""
-    _check_options(fmt, layout, version, ttl, 1, 1)
+    _check_options(fmt, layout, version, ttl)
     names = _names(prefix)
     with _explained(client, vectors_path=vectors_path, republish_hint=republish_hint):
         old_meta, versions, pointer = _check_ownership(client, names)
