@@ -136,16 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     runtime.tune_malloc()
     ctx, device = distributed.init(cfg.device)
-    lock = None
+    lock, finished = None, False
     try:
         lock = preflight(cfg, ctx)
-        return run(cfg, ctx, device)
+        status = run(cfg, ctx, device)
+        finished = True
+        return status
     except (data.DataError, model_io.ModelSetError) as e:  # bad input, explained in one line: a traceback would
         raise SystemExit(f"error: {e}") from None           # only bury it (bugs keep theirs)
     finally:
         if lock is not None:
             lock.close()
-        distributed.close(ctx)
+        distributed.close(ctx, finished)
 
 
 def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
