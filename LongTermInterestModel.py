@@ -249,7 +249,7 @@ class Block(nn.Module):
         else:   # SDPA's fused kernels: flash on the CPU (no dropout), flash / memory-efficient on CUDA
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p_attn)   # (B, H, N, hd)
         p = self.dropout.p if self.training else 0.0
-        x = x + _dropout(self.out(a.transpose(1, 2).reshape(b, n, -1)), p)
+        x = x + _dropout(self.out(a.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)), p)
         return x + _dropout(self.ff(self.norm2(x)), p)
 
 

@@ -697,6 +697,17 @@ def read_events(data_path: str, data_format: str = 'auto', strict: bool = False,
     return events, report
 
 
+def splitmix64(values) -> np.ndarray:
+    """splitmix64's finaliser of each int64 value (uint64): well mixed, the same on every machine. Users are
+    placed by it - in cache shards (event_cache.shard_of_users) and in the train/validation/test split."""
+    with np.errstate(over='ignore'):
+        z = np.asarray(values, np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
 def split_at_hour(events: pd.DataFrame, cutoff_hour: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(events before cutoff_hour, events at or after it), each in file order."""
     before = events['hour'].to_numpy() < cutoff_hour
@@ -713,13 +724,14 @@ def last_days_cutoff(events: pd.DataFrame, n_days: int = 1, trim: float = TIME_T
     return (last_day - n_days + 1) * 24
 
 
-def split_last_day(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
+def split_last_day(events: pd.DataFrame, cutoff: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
     """(history, target-day events, cutoff hour, rows after the target day) for held-out evaluation.
 
-    The target day is the log's last day (see last_days_cutoff); history is every earlier event. Stray rows
-    past the target day belong to neither: their count is returned so the caller can report it.
+    The target day is the log's last day (see last_days_cutoff), or the day from `cutoff` when given (a part
+    of a log split at the whole log's day); history is every earlier event. Stray rows past the target day
+    belong to neither: their count is returned so the caller can report it.
     """
-    cutoff = last_days_cutoff(events, 1)
+    cutoff = last_days_cutoff(events, 1) if cutoff is None else int(cutoff)
     history, target = split_at_hour(events, cutoff)
     after = target['hour'].to_numpy() >= cutoff + 24
     if after.any():

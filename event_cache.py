@@ -61,17 +61,7 @@ class CacheStale(Exception):
 def shard_of_users(user_ids, n_shards: int) -> np.ndarray:
     """Shard (0 <= s < n_shards) of each raw user id: splitmix64 of the id, modulo n_shards. Depends on the id
     alone, so any process, on any machine, finds a user's shard without reading the log."""
-    return (_splitmix64(user_ids) % np.uint64(n_shards)).astype(np.int64)
-
-
-def _splitmix64(values) -> np.ndarray:
-    """splitmix64's finaliser of each int64 value (uint64): well mixed, the same on every machine."""
-    with np.errstate(over='ignore'):
-        z = np.asarray(values, np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return z
+    return (data.splitmix64(user_ids) % np.uint64(n_shards)).astype(np.int64)
 
 
 def default_shards(log_path: str) -> int:
@@ -175,12 +165,7 @@ class Cache:
     def split_last_day(self, shards=None) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
         """data.split_last_day of the given shards' events, with the target day of the whole log (so every
         rank that loads a share of the shards agrees on it)."""
-        cutoff = self.last_days_cutoff(1)
-        history, target = data.split_at_hour(self.events(shards), cutoff)
-        after = target['hour'].to_numpy() >= cutoff + 24
-        if after.any():
-            target = target.loc[~after].reset_index(drop=True)
-        return history, target, cutoff, int(after.sum())
+        return data.split_last_day(self.events(shards), self.last_days_cutoff(1))
 
     def fit_vocab(self, before_hour: int | None = None, min_item_count: int = data.MIN_ITEM_COUNT,
                   time_trim: float = data.TIME_TRIM, shards=None) -> data.Vocab:
@@ -254,7 +239,7 @@ def _multiset_hash(values: np.ndarray) -> int:
     """An order-free 64-bit fingerprint of a column: the sum of every value's splitmix64 (mod 2^64). Equal
     multisets give equal sums; it adds over shards."""
     with np.errstate(over='ignore'):
-        return int(_splitmix64(values).sum(dtype=np.uint64))
+        return int(data.splitmix64(values).sum(dtype=np.uint64))
 
 
 # ----------------------------------------------------------------------------------------------

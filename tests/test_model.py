@@ -199,6 +199,21 @@ def test_gradients_reach_every_parameter_group():
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_an_empty_batch_gives_empty_vectors_and_zero_gradients():
+    """Distributed training from each rank's own users can leave a rank without a user in a step: its forward
+    of an empty batch must still run (DDP needs every rank's backward) and give every parameter a zero
+    gradient."""
+    torch.manual_seed(6)
+    model = LongTermInterestModel(tiny_cfg(), tiny_moe_cfg()).train()
+    cands = [(torch.tensor([1, 1]), torch.tensor([2, 3]))]
+    long_v, short_v, cand_v = model(make_batch([], 8), make_batch([], 3), cands)
+    assert long_v.shape == short_v.shape == (0, 8) and cand_v[0].shape == (2, 8)
+    (0.0 * (long_v.sum() + short_v.sum() + cand_v[0].sum())).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert not (p.grad.coalesce().values() if p.grad.is_sparse else p.grad).any(), name
+
+
 def test_tiny_model_overfits_a_handful_of_users():
     """Eight users with their own items: BPR with other users' short sequences as negatives."""
     torch.manual_seed(6)
