@@ -353,21 +353,47 @@ def make_sequences(events, vocab, what: str = "sequences"):
     return seqs
 
 
-def split_users(seqs, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Trainable users split into (train, validation, test) indices, seeded. Test users (only with
-    --evaluate) are never trained on; validation users choose the best epoch."""
+def split_users(seqs, cfg, ctx: distributed.Context = distributed.Context(),
+                own_users: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trainable users split into (train, validation, test) indices of seqs. Test users (only with
+    --evaluate) are never trained on; validation users choose the best epoch.
+
+    A user's role is a function of their raw id and the seed (user_split_hash against the fractions), not
+    of who else is in the log: one process and any number of ranks holding shards of the users hold out
+    the same users, and a user keeps their role when the log grows by a day. own_users: seqs holds this
+    rank's users only; the counts checked are the sums over the ranks.
+    """
     users = np.asarray(seqs.trainable)
-    users = np.random.default_rng([cfg.seed, 0]).permutation(users)
-    n_test = int(round(cfg.test_fraction * len(users))) if cfg.evaluate else 0
-    n_val = int(round(cfg.val_fraction * len(users)))
-    if cfg.val_fraction > 0:
-        n_val = max(n_val, 2)  # validation ranks a user among the others: it needs two
-    if len(users) - n_test - n_val < 2:
-        raise SystemExit(f"error: only {len(users)} user(s) have the 2+ events needed for a long and a short sequence; "
+    h = user_split_hash(seqs.user_ids[users], cfg.seed)
+    test = h < _fraction_threshold(cfg.test_fraction if cfg.evaluate else 0.0)
+    val = ~test & (h < _fraction_threshold((cfg.test_fraction if cfg.evaluate else 0.0) + cfg.val_fraction))
+
+    def total(a) -> int:
+        return sum(distributed.gather_objects(int(a), ctx)) if own_users else int(a)
+
+    if cfg.val_fraction > 0 and total(val.sum()) < 2:  # validation ranks a user among the others: it needs two
+        lowest = np.sort(h[~test])[:2]                 # ... so the two next in line in hash order
+        if own_users:
+            lowest = np.sort(np.concatenate(distributed.gather_objects(lowest, ctx)))[:2]
+        val = ~test & (h <= lowest[-1]) if len(lowest) else val
+    n_all, n_test, n_val = total(len(users)), total(test.sum()), total(val.sum())
+    if n_all - n_test - n_val < 2:
+        raise SystemExit(f"error: only {n_all} user(s) have the 2+ events needed for a long and a short sequence; "
                          f"after holding out {n_test} test and {n_val} validation users fewer than 2 are left "
                          "to train on (lower --test_fraction / --val_fraction, or --no-evaluate)")
-    test, val, train_ = users[:n_test], users[n_test:n_test + n_val], users[n_test + n_val:]
-    return np.sort(train_), np.sort(val), np.sort(test)
+    return users[~test & ~val], users[val], users[test]
+
+
+def user_split_hash(user_ids, seed: int) -> np.ndarray:
+    """(U,) uint64: where each raw user id falls in the train/validation/test split of this seed (splitmix64 of
+    the id mixed with the seed's own hash, so it is independent of the cache's shard hash)."""
+    key = data.splitmix64(np.array([seed], np.int64)).view(np.int64)[0]
+    return data.splitmix64(np.asarray(user_ids, np.int64) ^ key)
+
+
+def _fraction_threshold(fraction: float) -> np.uint64:
+    """The hash value below which `fraction` of uniformly hashed users fall."""
+    return np.uint64(min(int(fraction * 2.0 ** 64), 2 ** 64 - 1))
 
 
 # -----------------------------------------------------------------------------
@@ -543,14 +569,38 @@ def epoch_batches(users: np.ndarray, lengths: np.ndarray, batch_size: int, rng: 
     needs another user in the batch; distributed, at least one user per rank). Within windows of `bucket` batches users are ordered by length, so a batch
     is padded to its own users' lengths rather than to the longest history in the log; the batches are
     then shuffled."""
+    n_batches = max(min(math.ceil(len(users) / batch_size), len(users) // min_size), 1)
+    return local_batches(users, lengths, n_batches, rng, bucket)
+
+
+def local_batches(users: np.ndarray, lengths: np.ndarray, n_batches: int, rng: np.random.Generator,
+                  bucket: int = 16) -> list[np.ndarray]:
+    """The users shuffled, ordered by length within windows of `bucket` batches, cut into n_batches
+    near-equal batches (sizes differ by at most 1; empty ones when there are fewer users than batches),
+    in shuffled order. epoch_batches of one process; under torchrun with own shards, a rank's share of
+    every step (plan_steps)."""
     order = rng.permutation(users)
-    n_batches = max(min(math.ceil(len(order) / batch_size), len(order) // min_size), 1)
-    window = math.ceil(len(order) / n_batches) * bucket
+    window = max(math.ceil(len(order) / n_batches), 1) * bucket
     for start in range(0, len(order), window):
         chunk = order[start:start + window]
         order[start:start + window] = chunk[np.argsort(-lengths[chunk], kind="stable")]
     batches = np.array_split(order, n_batches)
     return [batches[i] for i in rng.permutation(n_batches)]
+
+
+def plan_steps(counts: list[int], batch_size: int) -> int:
+    """Steps of an epoch when rank r trains on its own counts[r] users: as many as global batches of at most
+    batch_size users need (every rank must take the same number: DDP all-reduces at every step), fewer if
+    that is what it takes for every step's global batch to hold 2 users (a negative needs another user).
+    Rank r cuts its users into that many near-equal local batches, each at least counts[r] // steps."""
+    c = np.asarray(counts, np.int64)
+    if c.sum() < 2:
+        raise ValueError(f"need 2 or more training users over all ranks, got {int(c.sum())}")
+    lo, hi = 1, max(math.ceil(int(c.sum()) / batch_size), 1)
+    while lo < hi:  # the smallest global batch, sum(c // steps), shrinks as steps grow: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if (c // mid).sum() >= 2 else (lo, mid - 1)
+    return lo
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, floor: float = 0.1) -> float:

@@ -173,3 +173,31 @@ def test_one_ddp_step_has_the_single_process_gradient(loss, tmp_path):
     assert result["value"][0] == pytest.approx(result["value"][1], rel=1e-6)
     for name, diff in result["diff"].items():
         assert diff <= 1e-5 * max(result["scale"][name], 1e-3), name
+
+
+@pytest.mark.parametrize("counts, batch_size", [([50, 47], 32), ([9, 0], 4), ([1, 1], 64), ([300, 2, 0], 16),
+                                                ([0, 0, 3], 1), ([5, 5, 5, 5], 2)])
+def test_local_batches_give_every_rank_the_same_steps_and_every_user_once(counts, batch_size):
+    """Each rank cuts its own users into the planned number of local batches: the same number on every rank,
+    every user once, and every step's global batch (the local batches together) holds 2 users or more."""
+    steps = train.plan_steps(counts, batch_size)
+    assert 1 <= steps <= -(-sum(counts) // batch_size)  # no more than global batches of batch_size need
+    lengths = np.random.default_rng(0).integers(2, 300, sum(counts))
+    owners = np.repeat(np.arange(len(counts)), counts)
+    plans = [train.local_batches(np.flatnonzero(owners == r), lengths, steps, np.random.default_rng([1, r]))
+             for r in range(len(counts))]
+    assert all(len(p) == steps for p in plans)
+    assert sorted(np.concatenate([np.concatenate(p) for p in plans]).tolist()) == list(range(sum(counts)))
+    sizes = np.array([[len(b) for b in p] for p in plans])  # (ranks, steps)
+    assert sizes.sum(0).min() >= 2 and (sizes.max(1) - sizes.min(1)).max() <= 1
+    if sum(counts) >= 2 * batch_size:
+        assert sizes.sum(0).max() <= batch_size + len(counts)
+
+
+def test_steps_shrink_until_every_global_batch_has_two_users():
+    assert train.plan_steps([100, 100], 10) == 20
+    assert train.plan_steps([3, 0], 1) == 1  # 3 steps would leave a step of one user
+    assert train.plan_steps([1, 1, 1, 1], 1) == 1  # 2 steps: a rank's empty batches could meet in one step
+    assert train.plan_steps([4, 4], 1) == 4
+    with pytest.raises(ValueError, match="2 or more"):
+        train.plan_steps([1, 0], 64)

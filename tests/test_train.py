@@ -486,3 +486,39 @@ def test_config_saved_before_feature_norm_builds_the_old_model(trained):
     assert hasattr(model_io.build_model(config).feature_embedding, "group_norms")
     del config["model"]["feature_norm"]  # what config.json held before the field existed
     assert not hasattr(model_io.build_model(config).feature_embedding, "group_norms")
+
+
+def _split(user_ids, n_events=None, seed=7, test=0.1, val=0.1, evaluate=True):
+    """split_users on sequences holding these raw ids (each with n_events[i] events, default 5)."""
+    ids = np.asarray(user_ids, np.int64)
+    n = np.full(len(ids), 5) if n_events is None else np.asarray(n_events)
+    seqs = types.SimpleNamespace(user_ids=ids, trainable=np.flatnonzero(n >= 2))
+    cfg = types.SimpleNamespace(seed=seed, test_fraction=test, val_fraction=val, evaluate=evaluate)
+    return [set(ids[part].tolist()) for part in train.split_users(seqs, cfg)]
+
+
+def test_user_split_is_a_function_of_the_id_and_seed():
+    ids = np.sort(np.random.default_rng(0).choice(10**9, 20_000, replace=False))
+    tr, va, te = _split(ids)
+    assert tr | va | te == set(ids.tolist()) and not (tr & va or tr & te or va & te)
+    assert abs(len(te) - 2000) < 200 and abs(len(va) - 2000) < 200
+    # any part of the users (a rank's shards, yesterday's log) gives its users the roles they have in the whole
+    part = ids[ids % 3 == 1]
+    p_tr, p_va, p_te = _split(part)
+    assert (p_tr, p_va, p_te) == (tr & set(part.tolist()), va & set(part.tolist()), te & set(part.tolist()))
+    grown = np.union1d(ids, np.arange(10**9, 10**9 + 500))
+    g_tr, g_va, g_te = _split(grown)
+    assert tr <= g_tr and va <= g_va and te <= g_te
+    assert _split(ids, seed=8)[2] != te  # another seed holds out other users
+    no_eval = _split(ids, evaluate=False)  # no test users: validation takes the lowest hashes, the test users'
+    assert no_eval[2] == set() and no_eval[1] == te
+
+
+def test_user_split_keeps_two_validation_users_and_refuses_too_few():
+    tr, va, te = _split(np.arange(12), evaluate=False)
+    assert len(va) >= 2 and len(tr) == 12 - len(va)
+    assert len(_split(np.arange(12), val=0.0, evaluate=False)[1]) == 0
+    tr, va, te = _split(np.arange(6), n_events=[1, 5, 5, 5, 5, 5], evaluate=False)
+    assert 0 not in tr | va | te  # one event: no long and short part
+    with pytest.raises(SystemExit, match="only 3 user.*fewer than 2 are left"):
+        _split(np.arange(3))
