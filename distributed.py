@@ -7,10 +7,16 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (plain `python train
 the single-process identity, so train.py has one code path. NCCL on GPUs (one device per process, by local
 rank), Gloo on the CPU.
 
-How a step is split (train.py): every rank draws the same global batch from the same seeded RNG and takes
-a contiguous share of it; the short-term vectors of the whole batch are gathered (with gradient), so the
-negatives are drawn from the global batch exactly as in one process, and each rank's loss is scaled so that
-DistributedDataParallel's gradient average equals the single-process gradient of the global batch.
+How a step is split (train.py), with --no-cache: every rank reads the whole log, draws the same global batch
+from the same seeded RNG and takes a contiguous share of it; the short-term vectors of the whole batch are
+gathered (with gradient), so the negatives are drawn from the global batch exactly as in one process, and
+each rank's loss is scaled so that DistributedDataParallel's gradient average equals the single-process
+gradient of the global batch.
+
+With the event cache (the default) each rank reads only its own user shards (shard k: rank k mod world) and
+cuts its own users into local batches, as many on every rank (train.plan_steps); a step's global batch is
+the ranks' local batches in rank order, and the same gathering and scaling give the gradient one process
+would compute on that batch. Which users meet in a batch then depends on the number of ranks.
 """
 from __future__ import annotations
 
@@ -191,14 +197,18 @@ def sharded_user_vectors(model, seqs, users: np.ndarray | None, ctx: Context, de
     return gather_array(local, split_sizes(len(users), ctx.world), ctx, device)
 
 
-def gather_own_user_vectors(model, seqs, ctx: Context, device: torch.device, **kw) -> tuple[np.ndarray, np.ndarray]:
-    """Each rank embeds the users it read itself (seqs: its own users' sequences, None when it has none);
-    every rank gets (every user id, their vectors) sorted by id, the order one process's Sequences has."""
+def gather_own_user_vectors(model, seqs, ctx: Context, device: torch.device, users: np.ndarray | None = None,
+                            **kw) -> tuple[np.ndarray, np.ndarray]:
+    """Each rank embeds the users it read itself (seqs: its own users' sequences, None when it has none;
+    users: indices into seqs, default all of them); every rank gets (every rank's user ids, their vectors)
+    sorted by id, the order one process's Sequences has."""
     hidden = getattr(model, "module", model).cfg.hidden_dim
-    local_ids = np.zeros(0, np.int64) if seqs is None else seqs.user_ids
+    if seqs is not None and users is None:
+        users = np.arange(seqs.n_users)
+    local_ids = np.zeros(0, np.int64) if seqs is None else seqs.user_ids[users]
     kw["progress"] = kw.get("progress", True) and ctx.is_main
-    local = (np.zeros((0, hidden), np.float32) if seqs is None
-             else inference.compute_user_vectors(model, seqs, np.arange(seqs.n_users), device=device, **kw))
+    local = (np.zeros((0, hidden), np.float32) if seqs is None or len(users) == 0
+             else inference.compute_user_vectors(model, seqs, users, device=device, **kw))
     parts = gather_objects(local_ids, ctx)
     ids = np.concatenate(parts)
     vectors = gather_array(local, [len(p) for p in parts], ctx, device)

@@ -156,30 +156,44 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     if not ctx.is_main:
         cfg.progress = False
     print("config: " + json.dumps(public_config(cfg), sort_keys=True))
+    # distributed with the cache, each rank reads and trains on its own user shards; else every rank reads
+    # the whole log and takes a share of every (identical) global batch
+    own = ctx.distributed and cfg.cache
     if ctx.distributed:
-        print(f"distributed: {ctx.world} processes ({ctx.backend}), a share of every batch each")
+        print(f"distributed: {ctx.world} processes ({ctx.backend})"
+              + ("" if own or cfg.export_only or cfg.republish else ", a share of every batch each"))
     if cfg.export_only or cfg.republish:
         return run_export_only(cfg, device, ctx)
     runtime.seed_everything(cfg.seed)
-    events = read_log(cfg, ctx)
-    history, target, cutoff = split_target_day(events) if cfg.evaluate else (events, None, None)
-    # fitted once, by rank 0, and sent to the others: every rank encodes the data the same way
-    vocab = distributed.broadcast(data.Vocab.fit(history, min_item_count=cfg.min_item_count)
-                                  if ctx.is_main else None, ctx)
+    cache = None
+    if own:
+        cache, events, history, target, cutoff, vocab = read_own_shards(cfg, ctx)
+    else:
+        events = read_log(cfg, ctx)
+        history, target, cutoff = split_target_day(events) if cfg.evaluate else (events, None, None)
+        # fitted once, by rank 0, and sent to the others: every rank encodes the data the same way
+        vocab = distributed.broadcast(data.Vocab.fit(history, min_item_count=cfg.min_item_count)
+                                      if ctx.is_main else None, ctx)
     print(vocab.summary())
-    seqs = make_sequences(history, vocab, "history" if cfg.evaluate else "sequences")
-    train_users, val_users, test_users = split_users(seqs, cfg)
-    if len(train_users) < ctx.world:
+    seqs = make_sequences(history, vocab, ("rank 0's " if own else "") + ("history" if cfg.evaluate else "sequences"))
+    train_users, val_users, test_users = split_users(seqs, cfg, ctx, own)
+    n_train, n_val, n_test = (np.sum(distributed.gather_objects((len(train_users), len(val_users), len(test_users)),
+                                                                ctx), axis=0).tolist()
+                              if own else (len(train_users), len(val_users), len(test_users)))
+    if own:
+        print(f"each of {ctx.world} processes trains on its own user shards (rank 0: {seqs.n_users} users, "
+              f"{len(events):,} events); batch = the ranks' local batches together")
+    elif len(train_users) < ctx.world:
         raise SystemExit(f"error: only {len(train_users)} training users for {ctx.world} processes: every process needs "
                          "a user in every batch (use fewer processes)")
-    print(f"training on {len(train_users)} users, validating on {len(val_users)}"
-          + (f", {len(test_users)} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
+    print(f"training on {n_train} users, validating on {n_val}"
+          + (f", {n_test} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
     # NCCL cannot all-reduce sparse gradients: on GPUs the item table is dense (and takes Adam)
     model = build_model(cfg, vocab, sparse_item_grad=ctx.backend != "nccl").to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
           f"in the item table)")
-    best, history_log, stop = train(cfg, model, seqs, train_users, val_users, device, ctx)
+    best, history_log, stop = train(cfg, model, seqs, train_users, val_users, device, ctx, own)
     if stop:
         cause = (f"The training diverged: the learning rate is likely too high (try a lower --lr than {cfg.lr:g}"
                  + (f", or a larger --tau than {cfg.tau:g}" if cfg.tau < 0.05 else "") + ").")
@@ -193,19 +207,26 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
                          f"{cfg.save_dir}/ and stopped before export. {cause}")
     model.load_state_dict(best["state"])
     version = ""
+    heldout = seqs.user_ids[test_users]
+    if own:  # every rank's held-out users, by id: one process's order
+        heldout = np.sort(np.concatenate(distributed.gather_objects(heldout, ctx)))
     if ctx.is_main:
-        extra = {"best_epoch": best["epoch"], "history": history_log, "world_size": ctx.world}
+        extra = {"best_epoch": best["epoch"], "history": history_log, "world_size": ctx.world,
+                 "batches": "own shards" if own else "shared"}
         if cfg.evaluate:
-            extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": seqs.user_ids[test_users].tolist()}
+            extra["eval"] = {"cutoff_hour": cutoff, "heldout_users": heldout.tolist()}
         version = model_io.save_model(cfg.save_dir, model, vocab, public_config(cfg), extra)
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         print(f"saved model {version} (best epoch {best['epoch']} on validation) to {cfg.save_dir}/; "
               f"peak memory so far {peak_gb:.1f} GB")
-        if cfg.evaluate:  # the other ranks wait for it at the export's gather
+        if cfg.evaluate and own:  # the other ranks wait for it at the export's gather
+            seqs = history = None  # rank 0 evaluates on every user's history: let its own shards' copy go first
+            run_evaluation_on_every_user(cfg, cache, model, vocab, history_log, device)
+        elif cfg.evaluate:
             run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history_log, device)
     if cfg.evaluate:
-        seqs = make_sequences(events, vocab, "export sequences (whole log)")
-    return export(cfg, model, seqs, version, device, ctx)
+        seqs = make_sequences(events, vocab, ("rank 0's " if own else "") + "export sequences (whole log)")
+    return export(cfg, model, seqs, version, device, ctx, own_users=own)
 
 
 def preflight(cfg, ctx: distributed.Context = distributed.Context()):
@@ -292,12 +313,7 @@ def read_log(cfg, ctx=distributed.Context(), own_shards: bool = False):
     """Read the log, generating the demo log first when the default folder holds none (one process per
     node writes it; every process reads the log). own_shards (with the cache, distributed): only the users
     of this process's shards (shard k goes to rank k mod world), so each holds ~1/world of the events."""
-    path = Path(cfg.data_path)
-    if cfg.data_path == DATA_PATH and not _has_log(path) and ctx.local_rank == 0:
-        target = path / data.TIANCHI_FILE
-        print(f"No log under {path}/: generating the demo log ({cfg.demo_users} users) at {target}")
-        demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
-    distributed.barrier(ctx)
+    ensure_log(cfg, ctx)
     if not cfg.cache:
         events, report = data.read_events(cfg.data_path, data_format=cfg.data_format, strict=cfg.strict,
                                           dedupe=cfg.dedupe, progress=cfg.progress,
@@ -307,11 +323,50 @@ def read_log(cfg, ctx=distributed.Context(), own_shards: bool = False):
     cache = load_cache(cfg, ctx)
     print(cache.report.summary())
     if own_shards and ctx.distributed:
-        shards = list(range(ctx.rank, cache.n_shards, ctx.world))
-        print(f"each of {ctx.world} processes reads only its own user shards of the cache's {cache.n_shards} "
-              f"(rank 0: {len(shards)})")
-        return cache.events(shards)
+        return own_events(cache, ctx)
     return cache.events()
+
+
+def ensure_log(cfg, ctx=distributed.Context()) -> None:
+    """The demo log, written first when the default folder holds no log (by one process per node)."""
+    path = Path(cfg.data_path)
+    if cfg.data_path == DATA_PATH and not _has_log(path) and ctx.local_rank == 0:
+        target = path / data.TIANCHI_FILE
+        print(f"No log under {path}/: generating the demo log ({cfg.demo_users} users) at {target}")
+        demo_data.write_log(target, n_users=cfg.demo_users, seed=cfg.seed)
+    distributed.barrier(ctx)
+
+
+def own_events(cache: event_cache.Cache, ctx: distributed.Context):
+    """The events of this rank's cache shards: shard k goes to rank k mod world."""
+    shards = list(range(ctx.rank, cache.n_shards, ctx.world))
+    print(f"each of {ctx.world} processes reads only its own user shards of the cache's {cache.n_shards} "
+          f"(rank 0: {len(shards)})")
+    return cache.events(shards)
+
+
+def read_own_shards(cfg, ctx: distributed.Context):
+    """Distributed training with the cache: this rank's shards only. -> (cache, events, history, target,
+    cutoff, vocab): the target day is the whole log's (from the cache's hour histogram), so every rank cuts
+    at the same hour; the vocabulary is fitted once, by rank 0 from every shard's counts (what Vocab.fit of
+    the whole history gives), and sent to the others."""
+    ensure_log(cfg, ctx)
+    cache = load_cache(cfg, ctx)
+    print(cache.report.summary())
+    events = own_events(cache, ctx)
+    cutoff = cache.last_days_cutoff(1) if cfg.evaluate else None
+    history, target = events, None
+    if cfg.evaluate:
+        history, target, cutoff = split_target_day(events, cutoff, whose="rank 0's ")
+    sizes = distributed.gather_objects((len(events), len(history)), ctx)
+    empty = [r for r, (n, h) in enumerate(sizes) if h == 0]
+    if empty:  # every rank stops here, none waits at a later collective for one that failed
+        raise SystemExit(f"error: rank {empty[0]} holds no {'history ' if sizes[empty[0]][0] else ''}events in its "
+                         f"shards of the cache ({cache.n_shards} shards, rank r takes shard k when k mod "
+                         f"{ctx.world} = r): use fewer processes, or --no-cache (every rank reads the whole log)")
+    vocab = distributed.broadcast(cache.fit_vocab(before_hour=cutoff, min_item_count=cfg.min_item_count)
+                                  if ctx.is_main else None, ctx)
+    return cache, events, history, target, cutoff, vocab
 
 
 def load_cache(cfg, ctx=distributed.Context()) -> event_cache.Cache:
@@ -337,13 +392,14 @@ def _has_log(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.glob("*.csv*")))  # not <log>.cache/
 
 
-def split_target_day(events):
-    """(history, target-day events, cutoff hour): sequences and vocabulary only ever see history."""
-    history, target, cutoff, n_after = data.split_last_day(events)
+def split_target_day(events, cutoff: int | None = None, whose: str = ""):
+    """(history, target-day events, cutoff hour): sequences and vocabulary only ever see history. cutoff:
+    the whole log's target day, when events are one rank's part (default: the events' own last day)."""
+    history, target, cutoff, n_after = data.split_last_day(events, cutoff)
     if n_after:
-        print(f"evaluation: {n_after} rows after the target day are left out of it")
-    print(f"evaluation: target day {data.hour_to_str(cutoff)[:10]} ({len(target):,} events) held out of "
-          f"training; {len(history):,} earlier events form the sequences")
+        print(f"evaluation: {whose}{n_after} rows after the target day are left out of it")
+    print(f"evaluation: target day {data.hour_to_str(cutoff)[:10]} ({whose}{len(target):,} events) held out of "
+          f"training; {whose}{len(history):,} earlier events form the sequences")
     return history, target, cutoff
 
 
@@ -426,11 +482,11 @@ def build_optimizers(model, lr: float):
 # training
 
 def train(cfg, model, seqs, train_users, val_users, device,
-          ctx: distributed.Context = distributed.Context()) -> tuple[dict, list, str]:
+          ctx: distributed.Context = distributed.Context(), own_users: bool = False) -> tuple[dict, list, str]:
     """The epoch loop: returns (best epoch chosen on validation with its state_dict, history, stop). stop is ''
     or why training stopped early (a non-finite loss, validation figure or weight): best is then the last good
     epoch (state None if there was none). Distributed, every rank runs it (and ends with the same weights);
-    rank 0 writes the checkpoint."""
+    rank 0 writes the checkpoint. own_users: seqs and the user indices are this rank's own users only."""
     opts = build_optimizers(model, cfg.lr)
     save_dir = Path(cfg.save_dir)
     ckpt_path = save_dir / model_io.CHECKPOINT_FILE
@@ -443,11 +499,12 @@ def train(cfg, model, seqs, train_users, val_users, device,
     net = distributed.wrap(model, ctx, device)
     for epoch in range(start, cfg.epochs):
         try:
-            rec = {"epoch": epoch + 1, **train_epoch(model, opts, seqs, train_users, cfg, device, epoch, ctx, net)}
+            rec = {"epoch": epoch + 1,
+                   **train_epoch(model, opts, seqs, train_users, cfg, device, epoch, ctx, net, own_users)}
         except NonFiniteLoss as e:
             return best, history, str(e)
         rec["moe"] = model.moe_layer.end_epoch()
-        rec.update(validate(model, seqs, val_users, cfg, device, ctx))
+        rec.update(validate(model, seqs, val_users, cfg, device, ctx, own_users))
         reason = non_finite_reason(model, rec)
         if reason:  # never chosen as best, never checkpointed: the run stops on the last good epoch
             return best, history, f"{reason} at epoch {epoch + 1}"
@@ -463,26 +520,42 @@ def train(cfg, model, seqs, train_users, val_users, device,
 
 
 def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
-                ctx: distributed.Context = distributed.Context(), net=None) -> dict[str, float]:
-    """One pass over the training users; returns the mean loss and throughput. The epoch's shuffling and
-    negatives come from an RNG derived from (seed, epoch), so a resumed run draws the same ones, and so
-    does every rank of a distributed run: each takes a contiguous share of every batch (see distributed)."""
-    rng = np.random.default_rng([cfg.seed, 1, epoch])
-    cut_rng = np.random.default_rng([cfg.seed, 5, epoch]) if cfg.random_cuts else None
-    log_q = item_log_q(seqs, model.cfg.n_items) if cfg.loss == "allaction" else None
+                ctx: distributed.Context = distributed.Context(), net=None, own_users: bool = False) -> dict[str, Any]:
+    """One pass over the training users; returns the mean loss, the users trained on and throughput. The
+    epoch's shuffling and negatives come from an RNG derived from (seed, epoch), so a resumed run draws the
+    same ones, and so does every rank of a distributed run: each takes a contiguous share of every batch
+    (see distributed). own_users (distributed, each rank holding its own users): each rank cuts its shuffled
+    users (RNG from (seed, epoch, rank)) into as many local batches as plan_steps gives every rank; a step's
+    global batch is the ranks' local batches together, in rank order."""
+    rank_key = [ctx.rank] if own_users else []
+    rng = np.random.default_rng([cfg.seed, 1, epoch, *rank_key])
+    cut_rng = np.random.default_rng([cfg.seed, 5, epoch, *rank_key]) if cfg.random_cuts else None
+    log_q = item_log_q(seqs, model.cfg.n_items, ctx if own_users else distributed.Context()) \
+        if cfg.loss == "allaction" else None
     net = net if net is not None else model  # distributed: the DDP-wrapped model
     model.train()
-    batches = epoch_batches(users, np.asarray(seqs.lengths), cfg.batch_size, rng, min_size=max(2, ctx.world))
+    lengths = np.asarray(seqs.lengths)
+    sizes = None
+    if own_users:
+        steps = plan_steps(distributed.gather_objects(len(users), ctx), cfg.batch_size)
+        batches = local_batches(users, lengths, steps, rng)
+        sizes = np.array(distributed.gather_objects([len(b) for b in batches], ctx))  # (ranks, steps)
+        shift_rng = np.random.default_rng([cfg.seed, 6, epoch])  # the same on every rank: it sees the global batch
+    else:
+        batches = epoch_batches(users, lengths, cfg.batch_size, rng, min_size=max(2, ctx.world))
     total, seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                dynamic_ncols=True)
     for step, batch_users in enumerate(bar):
-        n = len(batch_users)
+        step_sizes = None if sizes is None else sizes[:, step].tolist()
+        n = len(batch_users) if sizes is None else sum(step_sizes)
+        neg_shift = int((rng if sizes is None else shift_rng).integers(1, n))
         factor = lr_factor(epoch * len(batches) + step, cfg.epochs * len(batches), cfg.lr_schedule)
         for opt in opts:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * factor
-        loss, value = batch_forward(net, seqs, batch_users, int(rng.integers(1, n)), cfg, device, ctx, cut_rng, log_q)
+        loss, value = batch_forward(net, seqs, batch_users, neg_shift, cfg, device, ctx, cut_rng, log_q,
+                                    step_sizes)
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
         for opt in opts:
@@ -495,60 +568,94 @@ def train_epoch(model, opts, seqs, users, cfg, device, epoch: int,
         seen += n
         bar.set_postfix(loss=f"{total / seen:.4f}")
     seconds = time.perf_counter() - t0
-    return {"train_loss": total / seen, "seconds": seconds, "triplets_per_s": seen / seconds}
+    out = {"train_loss": total / seen, "seconds": seconds, "triplets_per_s": seen / seconds, "users": seen}
+    if sizes is not None:
+        out["rank_users"] = sizes.sum(1).tolist()  # users each rank trained on this epoch
+    return out
 
 
 def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, device,
                   ctx: distributed.Context = distributed.Context(), cut_rng: np.random.Generator | None = None,
-                  log_q: np.ndarray | None = None) -> tuple[torch.Tensor, float]:
+                  log_q: np.ndarray | None = None, sizes: list[int] | None = None) -> tuple[torch.Tensor, float]:
     """Forward pass of one batch (distributed: this rank's contiguous share of it, with the whole batch's
     short vectors gathered for the negatives). With cut_rng every user's history is cut at a random point
     (Sequences.cut_bounds): the long tower reads the events before the cut, the short tower and the
     'allaction' objective the next K_MAX events; without, the fixed 90/10 parts. Returns (loss to
     backpropagate, the batch's mean loss); the first is scaled so that DDP's average over ranks is the
-    gradient of the whole batch's mean."""
+    gradient of the whole batch's mean.
+
+    sizes (own users): batch_users are this rank's local batch only, sizes[r] the local batch size of each
+    rank; the global batch is the local batches in rank order, and the loss is the one of that batch (the
+    negatives and the 'allaction' candidates come from every rank's users). A rank with no user in the step
+    still runs its forward and backward (DDP and the gather need every rank) and adds nothing."""
     to_t = inference.batch_to_tensors
-    n = len(batch_users)
-    rows = distributed.shard_slice(n, ctx)
-    mine = batch_users[rows]
-    if cut_rng is not None:  # drawn for the whole batch, so every rank draws the same cuts
-        start, cut, end = seqs.cut_bounds(batch_users, cut_rng)
-        long_b = seqs.range_batch(start[rows], cut[rows], cfg.n_min, cfg.n_max)
-        short_all_b = seqs.range_batch(cut, np.minimum(end, cut + cfg.k_max), cfg.k_min, cfg.k_max)
+    own = sizes is not None
+    # rows: this rank's rows of the global batch; local: the same rows among the batch_users it builds
+    if own:  # this rank's users are its local batch
+        n, start = sum(sizes), sum(sizes[:ctx.rank])
+        rows, mine = slice(start, start + len(batch_users)), batch_users
+        local = slice(0, len(mine))
+    else:  # every rank holds the whole batch: a contiguous share is its own
+        n = len(batch_users)
+        sizes, rows = distributed.split_sizes(n, ctx.world), distributed.shard_slice(n, ctx)
+        mine, local = batch_users[rows], rows
+    if cut_rng is not None:  # drawn for every user built, so ranks holding the whole batch draw the same cuts
+        start_, cut, end = seqs.cut_bounds(batch_users, cut_rng)
+        long_b = seqs.range_batch(start_[local], cut[local], cfg.n_min, cfg.n_max)
+        short_built = seqs.range_batch(cut, np.minimum(end, cut + cfg.k_max), cfg.k_min, cfg.k_max)
     else:
         long_b = seqs.batch(mine, "long", cfg.n_min, cfg.n_max)
-        short_all_b = seqs.batch(batch_users, "short", cfg.k_min, cfg.k_max)
-    short_b = {k: v[rows] for k, v in short_all_b.items()}
-    cands, pairs = (future_candidates(short_all_b, rows, getattr(net, "module", net).cfg.n_categories, log_q)
-                    if cfg.loss == "allaction" else (None, None))
+        short_built = seqs.batch(batch_users, "short", cfg.k_min, cfg.k_max)
+    short_b = {k: v[local] for k, v in short_built.items()}
+    cands = pairs = None
+    if cfg.loss == "allaction":
+        batch_events = None
+        if own:  # the candidates come from every rank's futures, in rank order: one process's batch order
+            parts = distributed.gather_objects(known_future_events(short_b), ctx)
+            batch_events = tuple(np.concatenate(p) for p in zip(*parts))
+        cands, pairs = future_candidates(short_built, local, getattr(net, "module", net).cfg.n_categories, log_q,
+                                         batch_events)
     with inference.autocast(device):
         long_v, short_v, cand_v = net(to_t(long_b, device), to_t(short_b, device),
                                       [tuple(torch.from_numpy(np.asarray(a, np.int64)).to(device) for a in c)
                                        for c in cands] if cands else None)
-    short_all = distributed.gather_rows(short_v.float(), distributed.split_sizes(n, ctx.world), ctx)
-    future = None
-    if pairs:
-        future = [(v.float(), torch.from_numpy(u).to(device), torch.from_numpy(c).to(device),
-                   None if q is None else torch.from_numpy(q).to(device)) for v, (u, c, q) in zip(cand_v, pairs)]
-    loss, _ = batch_loss(long_v.float(), short_all, cfg.loss, cfg.tau, neg_shift, rows, future)
-    loss_sum = loss * len(mine)
+    short_all = distributed.gather_rows(short_v.float(), sizes, ctx)
+    if len(mine) == 0:  # zero, but through every output: the backward's collectives run as on the other ranks
+        loss_sum = 0.0 * (short_all.sum() + long_v.float().sum() + sum(v.float().sum() for v in cand_v))
+    else:
+        future = None
+        if pairs:
+            future = [(v.float(), torch.from_numpy(u).to(device), torch.from_numpy(c).to(device),
+                       None if q is None else torch.from_numpy(q).to(device)) for v, (u, c, q) in zip(cand_v, pairs)]
+        loss, _ = batch_loss(long_v.float(), short_all, cfg.loss, cfg.tau, neg_shift, rows, future)
+        loss_sum = loss * len(mine)
     value = distributed.all_reduce_sum(loss_sum.detach(), ctx).item() / n
     return loss_sum * (ctx.world / n), value
 
 
-def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.ndarray | None):
+def known_future_events(short: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(item, category) of the known items among a short batch's events, row after row."""
+    known = short["mask"] & (short["item"] > data.UNKNOWN)
+    return short["item"][known], short["category"][known]
+
+
+def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.ndarray | None,
+                      batch_events: tuple[np.ndarray, np.ndarray] | None = None):
     """Candidates and positives of the 'allaction' objective from the whole batch's future events.
 
     Categories: every known category (a full softmax); a category candidate is (unknown item, category), as
     in evaluate.py. Items: the distinct known items of the batch's futures with their category there
     (in-batch negatives, logQ-corrected). Returns [(item index, category index) candidate arrays] and
-    [(pair_user, pair_cand, log_q)] per set; pairs only for this rank's rows, numbered from 0.
+    [(pair_user, pair_cand, log_q)] per set; pairs only for `rows` of `short`, numbered from 0.
+    batch_events: known_future_events of the whole batch in batch order, when `short` holds only this
+    rank's part of it (default: short holds the whole batch).
     """
-    known = short["mask"] & (short["item"] > data.UNKNOWN)                  # (B, K) over the whole batch
-    items, first = np.unique(short["item"][known], return_index=True)
+    batch_items, batch_cats = known_future_events(short) if batch_events is None else batch_events
+    items, first = np.unique(batch_items, return_index=True)
     cats = np.arange(2, n_categories)
-    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, short["category"][known][first])]
-    mask, known = short["mask"][rows], known[rows]
+    cands = [(np.full(len(cats), data.UNKNOWN), cats), (items, batch_cats[first])]
+    mask = short["mask"][rows]
+    known = mask & (short["item"][rows] > data.UNKNOWN)
     cat_user, cat_pos = np.nonzero(mask)[0], short["category"][rows][mask] - 2   # every known category >= 2
     ok = cat_pos >= 0
     item_user, item_pos = np.nonzero(known)[0], np.searchsorted(items, short["item"][rows][known])
@@ -557,9 +664,13 @@ def future_candidates(short: dict, rows: slice, n_categories: int, log_q: np.nda
     return cands, pairs
 
 
-def item_log_q(seqs, n_items: int) -> np.ndarray:
-    """(n_items,) log share of each item among the events: how likely it is to be an in-batch candidate."""
-    counts = np.bincount(seqs.item, minlength=n_items).astype(np.float64) + 1.0
+def item_log_q(seqs, n_items: int, ctx: distributed.Context = distributed.Context()) -> np.ndarray:
+    """(n_items,) log share of each item among the events: how likely it is to be an in-batch candidate.
+    Distributed with own users (ctx given): the counts of every rank's events, so every rank has one process's."""
+    counts = np.bincount(seqs.item, minlength=n_items)
+    if ctx.distributed:
+        counts = distributed.all_reduce_sum(torch.from_numpy(counts), ctx).numpy()
+    counts = counts.astype(np.float64) + 1.0
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
@@ -616,20 +727,26 @@ def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.05, floor:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distributed.Context()) -> dict[str, float]:
+def validate(model, seqs, users, cfg, device, ctx: distributed.Context = distributed.Context(),
+             own_users: bool = False) -> dict[str, float]:
     """BPR loss with fixed negatives (the next user's short vector) and re-identification MRR among the
     validation users: rank of a user's own short vector by cosine with their long vector. Distributed,
-    the ranks share the work and all get the same figures."""
-    if len(users) < 2:
+    the ranks share the work and all get the same figures. own_users: each rank embeds its own validation
+    users; the vectors of all of them, gathered in user-id order (one process's), are scored on every rank."""
+    n = sum(distributed.gather_objects(len(users), ctx)) if own_users else len(users)
+    if n < 2:
         return {}
     kw = dict(progress=False, batch_size=cfg.export_batch_size)
-    vectors = distributed.sharded_user_vectors
-    long_v = torch.from_numpy(vectors(model, seqs, users, ctx, device, part="long", tower="long",
-                                      min_len=cfg.n_min, max_len=cfg.n_max, **kw))
-    short_v = torch.from_numpy(vectors(model, seqs, users, ctx, device, part="short", tower="short",
-                                       min_len=cfg.k_min, max_len=cfg.k_max, **kw))
+
+    def vectors(**part):
+        if own_users:
+            return distributed.gather_own_user_vectors(model, seqs, ctx, device, users=users, **part, **kw)[1]
+        return distributed.sharded_user_vectors(model, seqs, users, ctx, device, **part, **kw)
+
+    long_v = torch.from_numpy(vectors(part="long", tower="long", min_len=cfg.n_min, max_len=cfg.n_max))
+    short_v = torch.from_numpy(vectors(part="short", tower="short", min_len=cfg.k_min, max_len=cfg.k_max))
     loss, metrics = batch_loss(long_v, short_v, "bpr", cfg.tau, neg_shift=1)
-    tie_order = np.random.default_rng([cfg.seed, 3]).permutation(len(users))  # ties rank as chance, as in evaluate
+    tie_order = np.random.default_rng([cfg.seed, 3]).permutation(n)  # ties rank as chance, as in evaluate
     reid = evaluate.reid_metrics(evaluate.reid_ranks(long_v.numpy(), short_v.numpy(), tie_order))
     return {"val_loss": loss.item(), "val_acc": float(metrics["acc"]), "val_mrr": reid["mrr"],
             "val_recall@10": reid["recall@10"]}
@@ -835,6 +952,18 @@ def run_export_only(cfg, device, ctx: distributed.Context = distributed.Context(
     seqs = (make_sequences(events, vocab, "rank 0's sequences" if own else "sequences")
             if len(events) or not own else None)
     return export(cfg, model, seqs, config["model_version"], device, ctx, own_users=own)
+
+
+def run_evaluation_on_every_user(cfg, cache: event_cache.Cache, model, vocab, history, device) -> dict:
+    """run_evaluation after training on own shards: rank 0 reads every shard's history and target day and
+    evaluates as one process does - the same held-out users (the id-hash split), the same sample of training
+    users, and the popularity, candidates and item categories counted over every user. It holds the whole
+    history and its sequences while it does (what one process holds); the other ranks keep their shards."""
+    events, target, _, _ = cache.split_last_day()
+    seqs = make_sequences(events, vocab, "evaluation history (every user)")
+    del events
+    train_users, _, test_users = split_users(seqs, cfg)
+    return run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history, device)
 
 
 def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, history, device) -> dict:

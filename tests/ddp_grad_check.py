@@ -1,7 +1,11 @@
 """Run by tests/test_distributed.py under torchrun: one training step's gradients under DDP against the
 same step in one process. Rank 0 writes the largest differences as JSON to argv[1].
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_grad_check.py out.json bpr|infonce|allaction
+    torchrun --standalone --nproc_per_node=2 tests/ddp_grad_check.py out.json bpr|infonce|allaction [N0,N1]
+
+With N0,N1 each rank holds only its own users (training on own cache shards): rank 0 the batch's first N0
+users, rank 1 the next N1 (N0 may be 0: a rank without a user in the step), against one process's step on
+all of them.
 """
 import copy
 import json
@@ -24,7 +28,7 @@ def grads(model) -> dict:
             for k, p in model.named_parameters() if p.grad is not None}
 
 
-def main(out: str, loss: str) -> None:
+def main(out: str, loss: str, own: str = "") -> None:
     ctx, device = distributed.init("cpu")
     cfg = train.parse_args(["--item_embedding_dim", "16", "--category_embedding_dim", "8", "--width", "16",
                             "--hidden_dim", "8", "--depth", "1", "--heads", "2", "--head_dim", "8",
@@ -43,7 +47,13 @@ def main(out: str, loss: str) -> None:
     users = np.asarray(seqs.trainable)[:23]  # an odd batch: the shards differ in size
 
     net = distributed.wrap(model, ctx, device)
-    loss_ddp, value_ddp = train.batch_forward(net, seqs, users, 5, cfg, device, ctx)
+    if own:
+        sizes = [int(n) for n in own.split(",")]
+        users = users[:sum(sizes)]
+        mine = users[sum(sizes[:ctx.rank]):sum(sizes[:ctx.rank + 1])]
+        loss_ddp, value_ddp = train.batch_forward(net, seqs, mine, 5, cfg, device, ctx, sizes=sizes)
+    else:
+        loss_ddp, value_ddp = train.batch_forward(net, seqs, users, 5, cfg, device, ctx)
     loss_ddp.backward()
     got = grads(model)
     if ctx.is_main:
@@ -63,7 +73,7 @@ def main(out: str, loss: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
     # Even so, C++ destructors at interpreter exit (Gloo's threads) aborted a rank once in a while after the
     # check had finished and written its result; leave without them: the result is on disk, flushed.
     sys.stdout.flush()

@@ -12,8 +12,10 @@ import pytest
 from redis.cluster import RedisCluster
 import torch
 
+import data
 import demo_data
 import distributed
+import event_cache
 import model_io
 import redis_store
 import train
@@ -48,8 +50,8 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, redis_cluster):
-    """The same training twice: in this process, and as 2 torchrun ranks publishing to a 3-node Redis
-    Cluster."""
+    """The same training twice: in this process, and as 2 torchrun ranks (each reading the whole log)
+    publishing to a 3-node Redis Cluster."""
     log = tmp_path_factory.mktemp("log") / "log.csv"
     demo_data.write_log(log, n_users=120, n_days=10, seed=3)
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
@@ -57,8 +59,10 @@ def runs(tmp_path_factory, redis_cluster):
     r = RedisCluster.from_url(redis_store.plain_url(redis_cluster.url))
     for i in range(20):  # keys we did not write, in many slots (on every node)
         r.set(f"ddp:foreign{i}", "keep me")
+    # --no-cache: every rank reads the whole log and takes a share of every batch (with the cache each trains
+    # on its own shards, tested below)
     done = torchrun("--data_path", str(log), "--save_dir", str(two), "--redis_url", redis_cluster.url,
-                    "--redis_prefix", "ddp:", *FLAGS)
+                    "--redis_prefix", "ddp:", "--no-cache", *FLAGS)
     return {"log": log, "one": one, "two": two, "stdout": done.stdout, "redis": r}
 
 
@@ -158,13 +162,16 @@ def test_batches_leave_every_rank_a_user():
     assert all(len(b) >= 4 for b in batches) and sorted(np.concatenate(batches)) == list(range(9))
 
 
-@pytest.mark.parametrize("loss", ["bpr", "infonce", "allaction"])
-def test_one_ddp_step_has_the_single_process_gradient(loss, tmp_path):
+@pytest.mark.parametrize("loss, own", [("bpr", ""), ("infonce", ""), ("allaction", ""), ("bpr", "16,7"),
+                                       ("allaction", "0,23")])
+def test_one_ddp_step_has_the_single_process_gradient(loss, own, tmp_path):
     """Each rank takes a share of an odd-sized batch; the negatives come from the whole batch (gathered with
-    gradient) and the loss is scaled, so DDP's averaged gradient is one process's, parameter by parameter."""
+    gradient) and the loss is scaled, so DDP's averaged gradient is one process's, parameter by parameter.
+    own: each rank builds only its own users' sequences (their local batches together are the batch); the
+    'allaction' candidates come from every rank's futures, and a rank without a user still steps."""
     out = tmp_path / "grads.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_grad_check.py"), str(out), loss]
+           str(ROOT / "tests" / "ddp_grad_check.py"), str(out), loss, own]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -201,3 +208,72 @@ def test_steps_shrink_until_every_global_batch_has_two_users():
     assert train.plan_steps([4, 4], 1) == 4
     with pytest.raises(ValueError, match="2 or more"):
         train.plan_steps([1, 0], 64)
+
+
+# Training on own shards, with evaluation; fixed 90/10 parts, so the tokens an epoch routes are known.
+OWN_FLAGS = [f for f in FLAGS if f != "--no-evaluate"] + ["--no-random_cuts", "--no_redis"]
+
+
+@pytest.fixture(scope="module")
+def own_runs(tmp_path_factory):
+    """One process, and 2 torchrun ranks each reading and training on its own cache shards, on one log; with
+    the users one process trains on (its split, recomputed) and their history lengths."""
+    log = tmp_path_factory.mktemp("ownlog") / "log.csv"
+    demo_data.write_log(log, n_users=120, n_days=10, seed=4)
+    one, two = tmp_path_factory.mktemp("own1"), tmp_path_factory.mktemp("own2")
+    assert train.main(["--data_path", str(log), "--save_dir", str(one), *OWN_FLAGS]) == 0
+    done = torchrun("--data_path", str(log), "--save_dir", str(two), *OWN_FLAGS)
+    events, _ = data.read_events(str(log), progress=False)
+    history = data.split_last_day(events)[0]
+    seqs = data.build_sequences(history, data.Vocab.fit(history))
+    split = train.split_users(seqs, train.parse_args(["--data_path", str(log), *OWN_FLAGS]))
+    cache = event_cache.load(str(log), log=lambda *a: None)
+    return {"one": one, "two": two, "stdout": done.stdout, "seqs": seqs, "split": split, "train_users": split[0],
+            "cache": cache}
+
+
+def test_each_rank_reads_its_shards_and_trains_each_user_once(own_runs):
+    out, seqs, users, cache = own_runs["stdout"], own_runs["seqs"], own_runs["train_users"], own_runs["cache"]
+    said = re.search(r"each of 2 processes trains on its own user shards \(rank 0: (\d+) users, ([\d,]+) events\)", out)
+    rank0_rows = sum(s["rows"] for s in cache.manifest["shards"][0::2])  # shard k goes to rank k mod 2
+    assert int(said.group(2).replace(",", "")) == rank0_rows and 0.25 < rank0_rows / cache.manifest["rows"] < 0.75
+    rank_of_user = cache.shard_of_users(seqs.user_ids[users]) % 2
+    h1 = model_io.read_config(own_runs["one"])["history"]
+    h2 = model_io.read_config(own_runs["two"])["history"]
+    for e1, e2 in zip(h1, h2, strict=True):
+        assert e1["users"] == e2["users"] == len(users)
+        assert e2["rank_users"] == [int((rank_of_user == r).sum()) for r in range(2)]
+    ids1, _, _ = model_io.load_vectors(own_runs["one"])
+    ids2, v2, _ = model_io.load_vectors(own_runs["two"])
+    assert np.array_equal(ids1, ids2) and v2.shape == (120, 8) and np.isfinite(v2).all()  # every user once
+
+
+def test_own_shards_hold_out_and_encode_as_one_process(own_runs):
+    c1, c2 = model_io.read_config(own_runs["one"]), model_io.read_config(own_runs["two"])
+    assert c2["batches"] == "own shards" and c1["batches"] == "shared"
+    assert c1["eval"] == c2["eval"] and len(c2["eval"]["heldout_users"]) >= 2  # the same cutoff and held-out users
+    assert data.Vocab.load(own_runs["two"] / "vocab.npz").fingerprint() == \
+        data.Vocab.load(own_runs["one"] / "vocab.npz").fingerprint()
+    tr, va, te = own_runs["split"]  # one process's split: the ranks counted the same users
+    assert f"training on {len(tr)} users, validating on {len(va)}, {len(te)} held out" in own_runs["stdout"]
+    assert c1["eval"]["heldout_users"] == own_runs["seqs"].user_ids[te].tolist()
+    # rank 0 evaluated the same users on the same candidates: the baselines that do not use the model agree
+    m1, m2 = (json.loads((own_runs[k] / "metrics.json").read_text())["metrics"] for k in ("one", "two"))
+    for group in ("train", "heldout"):
+        for task in ("next_category", "next_item"):
+            for method in ("popular", "user_freq"):
+                assert m1[group][task][method] == m2[group][task][method], (group, task, method)
+
+
+def test_own_shard_expert_counts_are_every_ranks_routed_tokens(own_runs):
+    """Each epoch routes every training user's long (at most n_max) and short (at most k_max) events once,
+    on whichever rank holds the user: the all-reduced counts are the tokens of all ranks, as in one process."""
+    seqs, users = own_runs["seqs"], own_runs["train_users"]
+    n = seqs.lengths[users]
+    tokens = np.minimum(n * 9 // 10, 24).sum() + np.minimum(n - n * 9 // 10, 6).sum()
+    h1 = model_io.read_config(own_runs["one"])["history"]
+    h2 = model_io.read_config(own_runs["two"])["history"]
+    for e1, e2 in zip(h1, h2, strict=True):
+        per_rank = np.array(e2["moe"]["rank_load"])
+        assert per_rank.shape == (2, 4) and (per_rank.sum(1) > 0).all()
+        assert per_rank.sum() == e2["moe"]["activations"] == e1["moe"]["activations"] == 2 * tokens
