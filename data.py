@@ -370,7 +370,10 @@ def _leading_long_lines(path: str) -> list[int]:
     return found
 
 
-def _reader(handle, fmt: str, has_header: bool, typed: bool, skip_lines: list[int] = ()):
+def _reader(handle, fmt: str, has_header: bool, typed: bool, skip_lines: list[int] = (),
+            names: list[str] | None = None):
+    """pandas' chunked reader of the log. names: the handle starts past the header (a Tianchi log read from a
+    byte offset): its columns are these (the header's fields), and no line is a header."""
     kw = dict(engine='c', chunksize=CHUNK_ROWS, compression=None, skip_blank_lines=False, quoting=csv.QUOTE_NONE,
               on_bad_lines='warn', encoding='utf-8', encoding_errors='replace')
     if fmt == 'tianchi':
@@ -380,13 +383,16 @@ def _reader(handle, fmt: str, has_header: bool, typed: bool, skip_lines: list[in
         # Every column is read (no usecols: with it the C parser silently drops fields past the header's instead
         # of reporting the line); the geohash read as plain strings makes the whole read ~1.3x slower, not 10x.
         # Leading lines with extra fields are skipped here: pandas would take the first one as an index column.
+        if names is not None:
+            dtype = {c: dtype.get(c.lstrip('\ufeff').strip().strip('"').lower(), str) for c in names}
+            return pd.read_csv(handle, header=None, names=names, index_col=False, dtype=dtype, **kw)
         return pd.read_csv(handle, header=0, index_col=False, skiprows=[n - 1 for n in skip_lines],
                            dtype=dtype | {'user_geohash': str}, **kw)
     dtype = {'user_id': 'Int64', 'item_id': 'Int64', 'category_id': 'Int64',
              'behavior_type': 'category', 'timestamp': 'Int64'}
     if not typed:
         dtype = {c: str for c in USERBEHAVIOR_COLUMNS}
-    return pd.read_csv(handle, header=0 if has_header else None, names=USERBEHAVIOR_COLUMNS,
+    return pd.read_csv(handle, header=0 if has_header and names is None else None, names=USERBEHAVIOR_COLUMNS,
                        dtype=dtype, **kw)
 
 
@@ -401,15 +407,21 @@ class _TypedParseFailed(Exception):
 
 
 def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: bool, progress: bool,
-                    sink) -> tuple[int, dict]:
+                    sink, start: int = 0, first_line: int = 1) -> tuple[int, dict]:
     """Stream the file in chunks, handing each chunk's valid rows to sink({column: array}, in file order)
-    -> (rows_read, skipped counts)."""
-    leading = _leading_long_lines(path) if fmt == 'tianchi' else []
+    -> (rows_read, skipped counts). start > 0: only the lines from that byte offset on (a line boundary past
+    the header; first_line is the file line number there, so errors and counts name the file's lines)."""
+    leading = _leading_long_lines(path) if fmt == 'tianchi' and not start else []
     if strict and leading:
         raise DataError(f'{path}: line {leading[0]}: too many fields; expected {_EXPECTED[fmt]} '
                         '(drop --strict to skip and count such rows)')
+    names = None
+    if start:
+        names = _first_line(path).split(',') if fmt == 'tianchi' else USERBEHAVIOR_COLUMNS
     handle, raw = _open_binary(path)
-    size = os.path.getsize(path)
+    if start:
+        raw.seek(start)
+    size = os.path.getsize(path) - start
     bar = None
     if progress:
         from tqdm import tqdm
@@ -418,13 +430,13 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
     counts = np.zeros(len(REASONS) + 1, np.int64)
     skipped_lines: list[int] = []
     n_rows = 0
-    header_lines = 1 if has_header else 0
+    header_lines = first_line - 1 if start else int(has_header)   # file lines before the first data row read
     skipped_lines.extend(leading)
     counts[REASONS.index('too many fields') + 1] += len(leading)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', pd.errors.ParserWarning)
-            reader = _reader(handle, fmt, has_header, typed, leading)
+            reader = _reader(handle, fmt, has_header, typed, leading, names)
             while True:
                 try:
                     chunk = next(reader)
@@ -441,7 +453,8 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                     for c in chunk.columns:
                         if not isinstance(chunk[c].dtype, pd.CategoricalDtype):  # object or str: text
                             chunk[c] = chunk[c].str.strip().str.strip('"')
-                new_lines = [int(m) for w in caught for m in _SKIP_RE.findall(str(w.message))]
+                new_lines = [int(m) + (first_line - 1 if start else 0)     # pandas counts from the handle's start
+                             for w in caught for m in _SKIP_RE.findall(str(w.message))]
                 caught.clear()
                 skipped_lines.extend(new_lines)
                 cols, code, where, names = _validate_chunk(chunk, fmt)
@@ -464,7 +477,7 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                 sink({c: cols[c][ok] if code.any() else cols[c] for c in EVENT_COLUMNS})
                 n_rows += len(ok)
                 if bar is not None:
-                    bar.update(raw.tell() - bar.n)
+                    bar.update(raw.tell() - start - bar.n)
     finally:
         if bar is not None:
             bar.close()
@@ -491,7 +504,7 @@ class StreamInfo:
 
 
 def stream_events(data_path: str, sink, data_format: str = 'auto', strict: bool = False,
-                  progress: bool = True) -> StreamInfo:
+                  progress: bool = True, start: int = 0, first_line: int = 1) -> StreamInfo:
     """read_events' reading and row validation, one chunk (CHUNK_ROWS rows) at a time: memory does not grow
     with the log.
 
@@ -501,21 +514,28 @@ def stream_events(data_path: str, sink, data_format: str = 'auto', strict: bool 
     The steps that need every row - the time window around the median hour, duplicates - are the caller's
     (read_events applies them to the collected rows; event_cache to its shards). Raises what read_events raises
     for bad input, strict's first malformed row included.
+
+    start > 0 reads only the rows from that byte offset on (an uncompressed log that grew by appended lines:
+    event_cache parses just the new tail); it must be the start of a line past the header, and first_line the
+    file line number there, so line numbers in errors are the file's. rows_read then counts the tail's rows.
     """
     path = resolve_log_path(data_path)
     fmt, has_header = _detect_format(path, data_format)
+    if start and path.endswith('.gz'):
+        raise ValueError(f'{path}: a compressed log is read from its start only')
     slow = False
     with _named_gz_errors(path):
         try:
-            rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress, sink)
+            rows_read, skipped = _read_validated(path, fmt, has_header, strict, True, progress, sink, start, first_line)
         except _TypedParseFailed as e:
             if isinstance(e.__cause__, _GZ_ERRORS):
                 raise e.__cause__ from None
             # some numeric field holds non-numeric text: re-read as strings and validate every value
             slow = True
             sink(None)
-            rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress, sink)
-    if rows_read == 0:
+            rows_read, skipped = _read_validated(path, fmt, has_header, strict, False, progress, sink, start,
+                                                 first_line)
+    if rows_read == 0 and not start:
         raise DataError(f'{path}: no data rows (expected {_EXPECTED[fmt]})')
     return StreamInfo(path=path, format=fmt, has_header=has_header, rows_read=rows_read, skipped=skipped,
                       slow_path=slow)

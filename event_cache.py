@@ -16,13 +16,17 @@ Layout of the cache folder (beside the log, or under <save_dir>/event_cache/ whe
     shard-00000.parquet ...   columns user_id, item_id, category_id (raw int64 ids), behavior (int8), hour
                               (int64, hours since 1970 China time), row (int64: the row's position in
                               read_events' output, so file order is recoverable); each shard in file order
-    manifest.json             written last: source file (size, mtime_ns), the options that change the content,
-                              reader version, counts, the LoadReport, hour histogram, the vocabulary
-                              fingerprint (an order-free hash of the item, category and hour columns: what
-                              Vocab.fit reads) and every shard's size and SHA-256
+    shard-00000.part-001.parquet ...   rows appended to that shard since (see below), same columns
+    manifest.json             written last: source file (size, mtime_ns; uncompressed: SHA-256 and line count),
+                              the options that change the content, reader version, counts, the LoadReport, hour
+                              histograms, the vocabulary fingerprint (an order-free hash of the item, category
+                              and hour columns: what Vocab.fit reads) and every shard file's size and SHA-256
 A build writes into a temporary folder and renames it into place, so a reader sees the old cache or the new
 one, never half of one; a cache whose manifest is missing or unreadable, whose log or options changed, or
 whose shard is missing, torn or altered (size, checksum) is rebuilt with a one-line reason, never read.
+The daily refresh: when an uncompressed log grew and its first bytes are still the cached ones (SHA-256),
+only the appended lines are parsed (append); each shard gets its new rows as one more part file. The result
+holds exactly what a rebuild would (rows, LoadReport, fingerprint), else the cache is rebuilt.
 Open a shard with any Parquet tool: pandas.read_parquet('...cache/shard-00000.parquet').
 """
 from __future__ import annotations
@@ -41,18 +45,27 @@ import pandas as pd
 
 import data
 
-CACHE_VERSION = 1                  # bump when the cached content or its layout changes: old caches are rebuilt
+CACHE_VERSION = 2                  # bump when the cached content or its layout changes: old caches are rebuilt
 MANIFEST = 'manifest.json'
 COLUMNS = data.EVENT_COLUMNS + ['row']
 DTYPES = {**data.EVENT_DTYPES, 'row': np.int64}
 SHARD_SOURCE_BYTES = 64 << 20      # default: one shard per 64 MiB of CSV (~1.5M rows; a .gz counts 4x its size)
 MIN_SHARDS = 8                     # ... and at least this many, so 8 ranks can each take a share
+MAX_PARTS = 32                     # a shard grown by this many appended parts (daily refreshes) is rewritten as one file
 COMPRESSION = 'zstd'               # Parquet codec of the shards (measured on 8.7M rows, one row group a shard, with
                                    # dictionary encoding: zstd 0.33 s / 86 MB, lz4 0.24 s / 127 MB, none 0.29 s / 179 MB)
 
 
 class CacheStale(Exception):
     """Why a cache folder cannot be used as it is (the message is the reason printed before the rebuild)."""
+
+
+class LogGrew(CacheStale):
+    """The cache is sound but its log is larger now: perhaps lines were appended (append() checks and updates)."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +101,29 @@ def cache_dir_for(log_path: str, save_dir: str = 'saved_models') -> Path:
 def _source(log_path: str) -> dict:
     st = os.stat(log_path)
     return {'name': os.path.basename(log_path), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
+def _content(log_path: str, prefix: int | None = None) -> tuple[dict, str | None]:
+    """({sha256, lines, ends_with_newline} of the whole file, SHA-256 of its first `prefix` bytes or None), in
+    one read: what tells later whether a grown log only had lines appended (~1 s per GB)."""
+    h, lines, last, at, head = hashlib.sha256(), 0, b'', 0, None
+    with open(log_path, 'rb') as f:
+        while block := f.read(1 << 22):
+            if prefix is not None and head is None and at + len(block) >= prefix:
+                h.update(block[:prefix - at])
+                head = h.hexdigest()
+                h.update(block[prefix - at:])
+            else:
+                h.update(block)
+            lines += block.count(b'\n')
+            at += len(block)
+            last = block[-1:]
+    return {'sha256': h.hexdigest(), 'lines': lines, 'ends_with_newline': last == b'\n'}, head
+
+
+def shard_files(entry: dict) -> list[dict]:
+    """A shard's files in row order: its first file, then the parts appended when the log grew."""
+    return [entry] + list(entry.get('parts', []))
 
 
 def _sha256(path: Path) -> str:
@@ -127,12 +163,13 @@ class Cache:
         out = {c: _prefaulted_empty(n, DTYPES[c]) for c in columns}
         at = 0
         for k in ks:
-            table = pq.read_table(self.directory / self.manifest['shards'][k]['file'], columns=columns)
-            m = table.num_rows
-            for c in columns:
-                out[c][at:at + m] = table.column(c).to_numpy()
-            at += m
-            del table
+            for f in shard_files(self.manifest['shards'][k]):
+                table = pq.read_table(self.directory / f['file'], columns=columns)
+                m = table.num_rows
+                for c in columns:
+                    out[c][at:at + m] = table.column(c).to_numpy()
+                at += m
+                del table
         return out
 
     def events(self, shards=None, file_order: bool = False) -> pd.DataFrame:
@@ -261,9 +298,15 @@ def load(data_path: str, cache_dir: str | os.PathLike | None = None, *, data_for
     why = 'rebuild requested'
     if not rebuild:
         try:
-            manifest = check(directory, path, options, n_shards, verify)
+            try:
+                manifest = check(directory, path, options, n_shards, verify)
+                verb = 'reusing'
+            except LogGrew as e:
+                log(f'event cache: updating {directory} ({e}; parsing only what was appended)')
+                manifest = append(path, directory, e.manifest, options, progress)
+                verb = 'updated'
             report = data.LoadReport(**{**manifest['report'], 'seconds': time.perf_counter() - t0})
-            log(f'event cache: reusing {directory} ({manifest["n_shards"]} shards, {manifest["rows"]:,} rows, '
+            log(f'event cache: {verb} {directory} ({manifest["n_shards"]} shards, {manifest["rows"]:,} rows, '
                 f'{manifest["users"]:,} users; {time.perf_counter() - t0:.1f} s)')
             return Cache(directory, manifest, report)
         except CacheStale as e:
@@ -290,10 +333,14 @@ def check(directory: Path, log_path: str, options: dict, n_shards: int | None = 
     if manifest.get('version') != CACHE_VERSION:
         raise CacheStale(f'written by cache version {manifest.get("version")}, this code writes {CACHE_VERSION}')
     src = _source(log_path)
+    grew = None
     if manifest.get('source') != src:
         old = manifest.get('source') or {}
-        raise CacheStale(f'the log changed (size {old.get("size")} -> {src["size"]}, mtime_ns {old.get("mtime_ns")} '
-                         f'-> {src["mtime_ns"]})')
+        grew = (f'the log changed (size {old.get("size")} -> {src["size"]}, mtime_ns {old.get("mtime_ns")} '
+                f'-> {src["mtime_ns"]})')
+        if not (old.get('name') == src['name'] and isinstance(old.get('size'), int) and src['size'] > old['size']
+                and manifest.get('content')):
+            raise CacheStale(grew)
     changed = [f'{k} {manifest["options"].get(k)!r} -> {v!r}' for k, v in options.items()
                if manifest.get('options', {}).get(k) != v]
     if changed:
@@ -302,7 +349,7 @@ def check(directory: Path, log_path: str, options: dict, n_shards: int | None = 
         raise CacheStale(f'built with {manifest.get("n_shards")} shards, {n_shards} asked for')
     if len(shards) != manifest.get('n_shards'):
         raise CacheStale('manifest lists the wrong number of shards')
-    for s in shards:
+    for s in (f for entry in shards for f in shard_files(entry)):
         f = directory / s['file']
         if not f.is_file():
             raise CacheStale(f'shard {s["file"]} is missing')
@@ -310,133 +357,315 @@ def check(directory: Path, log_path: str, options: dict, n_shards: int | None = 
             raise CacheStale(f'shard {s["file"]} is torn ({f.stat().st_size} bytes, manifest says {s["bytes"]})')
         if verify and _sha256(f) != s['sha256']:
             raise CacheStale(f'shard {s["file"]} is damaged (SHA-256 differs from the manifest)')
+    if grew:
+        raise LogGrew(grew, manifest)
     return manifest
 
 
-def build(log_path: str, directory: Path, options: dict, n_shards: int, progress: bool = True) -> dict:
-    """Parse the log once into n_shards Parquet files + manifest in `directory` (replaced atomically)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    t0 = time.perf_counter()
-    directory = Path(directory)
+class _Spill:
+    """The streaming half of a build: each chunk's valid rows go to per-shard spill files (raw column bytes),
+    numbered from `first_row` on (their 'row'), and their hours to a histogram (the time window's median)."""
+
+    def __init__(self, tmp: Path, n_shards: int, first_row: int = 0):
+        self.tmp, self.n_shards, self.first_row = tmp, n_shards, first_row
+        self.lo, hi = (int(v) for v in data.VALID_TIME)
+        self.hist = np.zeros(hi - self.lo, np.int64)
+        self.row = first_row
+        self.files = [{c: open(tmp / f'spill-{k}.{c}', 'wb') for c in COLUMNS} for k in range(n_shards)]
+
+    def __call__(self, chunk) -> None:
+        if chunk is None:                          # the reader starts over on the slow path
+            for files in self.files:
+                for f in files.values():
+                    f.seek(0)
+                    f.truncate()
+            self.hist[:] = 0
+            self.row = self.first_row
+            return
+        m = len(chunk['hour'])
+        cols = {c: np.asarray(chunk[c], DTYPES[c]) for c in data.EVENT_COLUMNS}
+        cols['row'] = np.arange(self.row, self.row + m, dtype=np.int64)
+        self.row += m
+        self.hist[:] += np.bincount(cols['hour'] - self.lo, minlength=len(self.hist))
+        shard = shard_of_users(cols['user_id'], self.n_shards)
+        order = np.argsort(shard, kind='stable')
+        bounds = np.searchsorted(shard[order], np.arange(self.n_shards + 1))
+        for c in COLUMNS:
+            a = cols[c][order]
+            for k in range(self.n_shards):
+                if bounds[k + 1] > bounds[k]:
+                    self.files[k][c].write(a[bounds[k]:bounds[k + 1]].data)
+
+    def close(self) -> None:
+        for files in self.files:
+            for f in files.values():
+                f.close()
+
+    def take(self, k: int) -> dict[str, np.ndarray]:
+        """Shard k's spilled rows (the spill files are removed)."""
+        cols = {c: np.fromfile(self.tmp / f'spill-{k}.{c}', dtype=DTYPES[c]) for c in COLUMNS}
+        for c in COLUMNS:
+            os.remove(self.tmp / f'spill-{k}.{c}')
+        return cols
+
+    def valid_hours(self) -> dict[int, int]:
+        nz = np.flatnonzero(self.hist)
+        return dict(zip((nz + self.lo).tolist(), self.hist[nz].tolist()))
+
+
+def _median_hour(valid_hours: dict[int, int], window: int) -> int:
+    if not window or not valid_hours:
+        return 0
+    hours = np.array(sorted(valid_hours), np.int64)
+    return int(data.median_from_counts(hours, np.array([valid_hours[h] for h in hours.tolist()], np.int64)))
+
+
+class _Shards:
+    """The per-shard half of a build: the time window, duplicates (against the shard's earlier rows, when a grown
+    log's cache is updated), Parquet files, and the totals the manifest records."""
+
+    def __init__(self, tmp: Path, options: dict, median: int, fingerprint=None, final_hist=None):
+        self.tmp, self.options, self.median = tmp, options, median
+        self.n_far = self.n_dup = 0
+        self.first_far = None                      # strict: (row, hour) of the earliest event outside the window
+        self.fingerprint = dict(fingerprint or {'item_id': 0, 'category_id': 0, 'hour': 0})
+        self.final_hist = {int(h): int(n) for h, n in (final_hist or {}).items()}
+        self.entries = []
+
+    def add(self, k: int, new: dict[str, np.ndarray], old: dict[str, np.ndarray] | None = None,
+            entry: dict | None = None, old_dir: Path | None = None, compact: bool = False) -> None:
+        """Shard k from its rows; updating (old: the rows the cache holds, entry: its manifest entry), the new
+        rows become one more part of the shard, the cached files kept as they are (linked from old_dir), or
+        with compact (old then has every column) the shard is written as one file again."""
+        far = data.implausible_mask(new['hour'], self.median, self.options['time_window_days'])
+        if far.any():
+            self.n_far += int(far.sum())
+            i = int(np.flatnonzero(far)[0])
+            if self.first_far is None or new['row'][i] < self.first_far[0]:
+                self.first_far = (int(new['row'][i]), int(new['hour'][i]))
+            new = {c: a[~far] for c, a in new.items()}
+        if self.options['strict'] and self.first_far is not None:
+            return                                 # the build fails: keep looking for the earliest
+        new_users = np.unique(new['user_id'])
+        if old is not None:                        # duplicates share a user: the cached rows of the new rows' users
+            prior = _member(old['user_id'], new_users)
+            old_users = np.unique(old['user_id'][prior])
+        both = new if old is None else {c: np.concatenate([old[c][prior], new[c]]) for c in data.EVENT_COLUMNS}
+        dup = data.duplicate_mask(pd.DataFrame({c: both[c] for c in data.EVENT_COLUMNS}))[len(both['hour']) - len(new['hour']):]
+        self.n_dup += int(dup.sum())
+        if self.options['dedupe'] and dup.any():
+            new = {c: a[~dup] for c, a in new.items()}
+        for c in self.fingerprint:
+            self.fingerprint[c] = (self.fingerprint[c] + _multiset_hash(new[c])) % 2 ** 64
+        hours, per_hour = np.unique(new['hour'], return_counts=True)
+        for h, n in zip(hours.tolist(), per_hour.tolist()):
+            self.final_hist[h] = self.final_hist.get(h, 0) + n
+        if old is None:
+            self.entries.append({**self._write(f'shard-{k:05d}.parquet', new),
+                                 'users': int(len(np.unique(new['user_id'])))})
+        elif compact:
+            allc = {c: np.concatenate([old[c], new[c]]) for c in COLUMNS}
+            self.entries.append({**self._write(f'shard-{k:05d}.parquet', allc),
+                                 'users': int(len(np.unique(allc['user_id'])))})
+        else:
+            self.keep(old_dir, entry)
+            grown = self.entries[-1]
+            if len(new['row']):
+                parts = grown.setdefault('parts', [])
+                parts.append(self._write(f'shard-{k:05d}.part-{len(parts) + 1:03d}.parquet', new))
+                grown['rows'] += len(new['row'])
+                grown['users'] += int((~_member(new_users, old_users)).sum())
+
+    def _write(self, name: str, cols: dict[str, np.ndarray]) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({c: cols[c] for c in COLUMNS}), self.tmp / name, compression=COMPRESSION,
+                       row_group_size=max(1, len(cols['row'])))   # one row group: one chunk a column, read ~1.7x faster
+        return {'file': name, 'rows': int(len(cols['row'])), 'bytes': (self.tmp / name).stat().st_size,
+                'sha256': _sha256(self.tmp / name)}
+
+    def keep(self, old_dir: Path, entry: dict) -> None:
+        """An unchanged shard of the cache being updated: its files linked (or copied) into the new folder."""
+        for f in shard_files(entry):
+            src, dst = old_dir / f['file'], self.tmp / f['file']
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        self.entries.append(json.loads(json.dumps(entry)))          # a deep copy: parts may be added
+
+    def manifest(self, info: data.StreamInfo, options: dict, source: dict, content: dict | None, n_shards: int,
+                 valid_rows: int, valid_hours: dict[int, int], rows_read: int, skipped: dict, old_dup: int = 0,
+                 slow_path: bool = False) -> dict:
+        """The manifest of the shards added (raises what read_events raises for strict's far event, no rows)."""
+        fmt, window = info.format, options['time_window_days']
+        if self.first_far is not None and options['strict']:
+            row, hour = self.first_far             # strict kept every data row: row i is line header + i + 1
+            raise data.implausible_error(info.path, fmt, int(info.has_header) + row + 1, hour, self.median, window)
+        skipped = dict(skipped)
+        if self.n_far:
+            skipped['time implausible'] = skipped.get('time implausible', 0) + self.n_far
+        rows_kept = sum(s['rows'] for s in self.entries)
+        if rows_kept == 0:
+            raise data.DataError(f'{info.path}: no valid rows among {rows_read:,} (skipped: {skipped}); '
+                                 f'expected {data._EXPECTED[fmt]}')
+        n_dup = old_dup + self.n_dup
+        report = data.LoadReport(path=info.path, format=fmt, rows_read=rows_read, rows_kept=rows_kept,
+                                 skipped=skipped, duplicate_rows=n_dup,
+                                 duplicates_dropped=n_dup if options['dedupe'] else 0, slow_path=slow_path)
+        hours = sorted(self.final_hist)
+        valid = sorted(valid_hours)
+        return {
+            'version': CACHE_VERSION, 'source': source, 'content': content, 'options': options, 'n_shards': n_shards,
+            'rows': rows_kept, 'users': sum(s['users'] for s in self.entries),
+            'bytes': sum(f['bytes'] for s in self.entries for f in shard_files(s)),
+            'report': {k: v for k, v in asdict(report).items() if k != 'seconds'},
+            'vocab_fingerprint': vocab_fingerprint(self.fingerprint, rows_kept),
+            'hours': hours, 'hour_counts': [self.final_hist[h] for h in hours],
+            'shard_hash': 'splitmix64(user_id) % n_shards',
+            # what updating the cache of a grown log needs: the rows before the time window and the duplicates
+            'has_header': info.has_header, 'valid_rows': valid_rows, 'median_hour': self.median,
+            'valid_hours': valid, 'valid_hour_counts': [valid_hours[h] for h in valid],
+            'fingerprint_sums': self.fingerprint,
+            'shards': sorted(self.entries, key=lambda e: e['file']),
+        }
+
+
+def _member(a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """np.isin(a, sorted_b) for a sorted, distinct sorted_b, by binary search (no sort of the large a)."""
+    if len(sorted_b) == 0:
+        return np.zeros(len(a), bool)
+    i = np.minimum(np.searchsorted(sorted_b, a), len(sorted_b) - 1)
+    return sorted_b[i] == a
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    with open(tmp / MANIFEST, 'w') as f:           # last: without it the folder is no cache
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _temp_dir(directory: Path) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f'.{directory.name}.tmp-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp
+
+
+def _progress(total: int, desc: str, progress: bool):
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit='shard', file=sys.stderr, leave=False)
+
+
+def build(log_path: str, directory: Path, options: dict, n_shards: int, progress: bool = True) -> dict:
+    """Parse the log once into n_shards Parquet files + manifest in `directory` (replaced atomically)."""
+    t0 = time.perf_counter()
+    directory = Path(directory)
+    tmp = _temp_dir(directory)
     try:
-        # 1. stream: valid rows -> per-shard spill files (raw column bytes), hours -> a histogram
+        # 1. stream: valid rows -> per-shard spill files, hours -> a histogram
         source = _source(log_path)
-        lo, hi = (int(v) for v in data.VALID_TIME)
-        hist = np.zeros(hi - lo, np.int64)
-        spill = [{c: open(tmp / f'spill-{k}.{c}', 'wb') for c in COLUMNS} for k in range(n_shards)]
-        state = {'row': 0}
-
-        def sink(chunk):
-            if chunk is None:                      # the reader starts over on the slow path
-                for files in spill:
-                    for f in files.values():
-                        f.seek(0)
-                        f.truncate()
-                hist[:] = 0
-                state['row'] = 0
-                return
-            m = len(chunk['hour'])
-            cols = {c: np.asarray(chunk[c], DTYPES[c]) for c in data.EVENT_COLUMNS}
-            cols['row'] = np.arange(state['row'], state['row'] + m, dtype=np.int64)
-            state['row'] += m
-            hist[:] += np.bincount(cols['hour'] - lo, minlength=hi - lo)
-            shard = shard_of_users(cols['user_id'], n_shards)
-            order = np.argsort(shard, kind='stable')
-            bounds = np.searchsorted(shard[order], np.arange(n_shards + 1))
-            for c in COLUMNS:
-                a = cols[c][order]
-                for k in range(n_shards):
-                    if bounds[k + 1] > bounds[k]:
-                        spill[k][c].write(a[bounds[k]:bounds[k + 1]].data)
-
+        content = None if log_path.endswith('.gz') else _content(log_path)[0]
+        spill = _Spill(tmp, n_shards)
         try:
-            info = data.stream_events(log_path, sink, data_format=options['data_format'], strict=options['strict'],
+            info = data.stream_events(log_path, spill, data_format=options['data_format'], strict=options['strict'],
                                       progress=progress)
         finally:
-            for files in spill:
-                for f in files.values():
-                    f.close()
+            spill.close()
         # 2. per shard: the time window (median of the histogram), duplicates, Parquet
-        window = options['time_window_days']
-        nz = np.flatnonzero(hist)
-        median = int(data.median_from_counts(nz + lo, hist[nz])) if window and len(nz) else 0
-        del hist
-        n_far = n_dup = 0
-        first_far = None                           # strict: (row, hour) of the earliest event outside the window
-        final_hist: dict[int, int] = {}
-        fingerprint = {'item_id': 0, 'category_id': 0, 'hour': 0}
-        shards = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n_shards, desc='writing event cache shards', unit='shard', file=sys.stderr, leave=False)
+        valid_hours = spill.valid_hours()
+        shards = _Shards(tmp, options, _median_hour(valid_hours, options['time_window_days']))
+        bar = _progress(n_shards, 'writing event cache shards', progress)
         for k in range(n_shards):
-            cols = {c: np.fromfile(tmp / f'spill-{k}.{c}', dtype=DTYPES[c]) for c in COLUMNS}
-            for c in COLUMNS:
-                os.remove(tmp / f'spill-{k}.{c}')
-            far = data.implausible_mask(cols['hour'], median, window)
-            if far.any():
-                n_far += int(far.sum())
-                i = int(np.flatnonzero(far)[0])
-                if first_far is None or cols['row'][i] < first_far[0]:
-                    first_far = (int(cols['row'][i]), int(cols['hour'][i]))
-                cols = {c: a[~far] for c, a in cols.items()}
-            if options['strict'] and first_far is not None:
-                continue                           # the build fails below: keep looking for the earliest
-            dup = data.duplicate_mask(pd.DataFrame({c: cols[c] for c in data.EVENT_COLUMNS}))
-            n_dup += int(dup.sum())
-            if options['dedupe'] and dup.any():
-                cols = {c: a[~dup] for c, a in cols.items()}
-            for c in fingerprint:
-                fingerprint[c] = (fingerprint[c] + _multiset_hash(cols[c])) % 2 ** 64
-            hours, per_hour = np.unique(cols['hour'], return_counts=True)
-            for h, n in zip(hours.tolist(), per_hour.tolist()):
-                final_hist[h] = final_hist.get(h, 0) + n
-            name = f'shard-{k:05d}.parquet'
-            pq.write_table(pa.table({c: cols[c] for c in COLUMNS}), tmp / name, compression=COMPRESSION,
-                           row_group_size=max(1, len(cols['row'])))   # one row group: one chunk a column, read ~1.7x faster
-            shards.append({'file': name, 'rows': int(len(cols['row'])), 'users': int(len(np.unique(cols['user_id']))),
-                           'bytes': (tmp / name).stat().st_size, 'sha256': _sha256(tmp / name)})
+            shards.add(k, spill.take(k))
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        fmt = info.format
-        if first_far is not None and options['strict']:
-            row, hour = first_far                  # strict kept every data row: row i is line header + i + 1
-            raise data.implausible_error(info.path, fmt, int(info.has_header) + row + 1, hour, median, window)
-        skipped = dict(info.skipped)
-        if n_far:
-            skipped['time implausible'] = skipped.get('time implausible', 0) + n_far
-        rows_kept = sum(s['rows'] for s in shards)
-        if rows_kept == 0:
-            raise data.DataError(f'{info.path}: no valid rows among {info.rows_read:,} (skipped: {skipped}); '
-                                 f'expected {data._EXPECTED[fmt]}')
-        report = data.LoadReport(path=info.path, format=fmt, rows_read=info.rows_read, rows_kept=rows_kept,
-                                 skipped=skipped, duplicate_rows=n_dup,
-                                 duplicates_dropped=n_dup if options['dedupe'] else 0, slow_path=info.slow_path)
-        hours = sorted(final_hist)
-        manifest = {
-            'version': CACHE_VERSION, 'source': source, 'options': options, 'n_shards': n_shards,
-            'rows': rows_kept, 'users': sum(s['users'] for s in shards), 'bytes': sum(s['bytes'] for s in shards),
-            'report': {k: v for k, v in asdict(report).items() if k != 'seconds'},
-            'vocab_fingerprint': vocab_fingerprint(fingerprint, rows_kept),
-            'hours': hours, 'hour_counts': [final_hist[h] for h in hours],
-            'build_seconds': round(time.perf_counter() - t0, 2), 'shard_hash': 'splitmix64(user_id) % n_shards',
-            'shards': shards,
-        }
-        with open(tmp / MANIFEST, 'w') as f:       # last: without it the folder is no cache
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        manifest = shards.manifest(info, options, source, content, n_shards, spill.row, valid_hours,
+                                   info.rows_read, info.skipped, slow_path=info.slow_path)
+        manifest['build_seconds'] = round(time.perf_counter() - t0, 2)
+        _write_manifest(tmp, manifest)
         if not _swap_in(tmp, directory):           # another process's build of the same log landed first
             return check(directory, log_path, options, None, verify=True)
         return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append(log_path: str, directory: Path, manifest: dict, options: dict, progress: bool = True) -> dict:
+    """The cache of a log that grew by lines appended at its end (the daily refresh): only the new lines are
+    parsed, and each shard's new rows become one more Parquet part of it (duplicates counted against the
+    shard's cached rows of the same users; a shard of MAX_PARTS parts is rewritten as one file); the cached
+    files are linked into a new folder, swapped in like a build. The same rows, report, vocabulary
+    fingerprint and histograms as a rebuild; CacheStale (the caller then rebuilds) where that cannot be
+    guaranteed: the cached part of the file changed, the log is compressed, or the time window (around the
+    median hour) moved past cached rows."""
+    t0 = time.perf_counter()
+    directory = Path(directory)
+    old_src, content = manifest['source'], manifest.get('content')
+    if log_path.endswith('.gz') or not content:
+        raise CacheStale('the log changed, and a compressed log is parsed again whole')
+    if not content['ends_with_newline']:
+        raise CacheStale('the log changed, and its cached part did not end with a line break')
+    source = _source(log_path)
+    new_content, head = _content(log_path, prefix=old_src['size'])
+    if head != content['sha256']:
+        raise CacheStale('the log changed: its first {:,} bytes differ from the cached ones (not only lines '
+                         'appended)'.format(old_src['size']))
+    n_shards, window = manifest['n_shards'], options['time_window_days']
+    tmp = _temp_dir(directory)
+    try:
+        spill = _Spill(tmp, n_shards, first_row=manifest['valid_rows'])
+        try:
+            info = data.stream_events(log_path, spill, data_format=manifest['report']['format'],
+                                      strict=options['strict'], progress=progress, start=old_src['size'],
+                                      first_line=content['lines'] + 1)
+        finally:
+            spill.close()
+        valid_hours = {int(h): int(n) for h, n in zip(manifest['valid_hours'], manifest['valid_hour_counts'])}
+        old_hours = np.array(sorted(valid_hours), np.int64)
+        for h, n in spill.valid_hours().items():
+            valid_hours[h] = valid_hours.get(h, 0) + n
+        median = _median_hour(valid_hours, window)
+        if (data.implausible_mask(old_hours, median, window)
+                != data.implausible_mask(old_hours, manifest['median_hour'], window)).any():
+            raise CacheStale('the log grew, and its time window (around the median hour) moved past cached rows')
+        old = Cache(directory, manifest, None)
+        shards = _Shards(tmp, options, median, {c: int(v) for c, v in manifest['fingerprint_sums'].items()},
+                         dict(zip(manifest['hours'], manifest['hour_counts'])))
+        bar = _progress(n_shards, 'updating event cache shards', progress)
+        for k in range(n_shards):
+            new = spill.take(k)
+            if len(new['row']):
+                entry = manifest['shards'][k]
+                compact = len(entry.get('parts', [])) + 1 >= MAX_PARTS     # one file again ('row' read too)
+                shards.add(k, new, old._columns([k], COLUMNS if compact else data.EVENT_COLUMNS), entry, directory,
+                           compact)
+            else:
+                shards.keep(directory, manifest['shards'][k])
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        rep = manifest['report']
+        skipped = dict(rep['skipped'])
+        for r, n in info.skipped.items():
+            skipped[r] = skipped.get(r, 0) + n
+        updated = shards.manifest(info, options, source, new_content, n_shards, spill.row, valid_hours,
+                                  rep['rows_read'] + info.rows_read, skipped, old_dup=rep['duplicate_rows'],
+                                  slow_path=rep['slow_path'] or info.slow_path)
+        updated['build_seconds'] = manifest.get('build_seconds')
+        updated['update_seconds'] = round(time.perf_counter() - t0, 2)
+        _write_manifest(tmp, updated)
+        if not _swap_in(tmp, directory):           # another process updated or rebuilt it first
+            return check(directory, log_path, options, None, verify=True)
+        return updated
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

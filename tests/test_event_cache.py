@@ -161,6 +161,121 @@ def test_changed_log_is_parsed_again(tmp_path, demo_log):
     assert 'the log changed' in msgs[0]
 
 
+# ---------------------------------------------------------------- a log that grew: only the new lines parsed
+
+
+def grow(src: str, folder: Path, cut: float, **opts) -> tuple[str, bytes]:
+    """A copy of src cut after `cut` of its lines, cached; returns (its path, the lines left to append)."""
+    text = Path(src).read_bytes()
+    lines = text.splitlines(keepends=True)
+    k = max(2, int(len(lines) * cut))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / os.path.basename(src)
+    path.write_bytes(b''.join(lines[:k]))
+    load(str(path), **opts)
+    return str(path), b''.join(lines[k:])
+
+
+def assert_update_equals_rebuild(path: str, tail: bytes, monkeypatch, **opts) -> event_cache.Cache:
+    """Append tail, load: the cache is updated (only the tail parsed) and holds what a fresh build holds."""
+    with open(path, 'ab') as f:
+        f.write(tail)
+    seen = []
+    real = data.stream_events
+    monkeypatch.setattr(data, 'stream_events', lambda *a, **k: seen.append(k.get('start', 0)) or real(*a, **k))
+    msgs = []
+    updated = load(path, msgs, **opts)
+    assert 'updating' in msgs[0] and 'updated' in msgs[-1], msgs
+    assert seen and all(s > 0 for s in seen)                    # never read from the top
+    rebuilt = load(path, cache_dir=str(path) + '.rebuilt', **opts)
+    for key in ('rows', 'users', 'vocab_fingerprint', 'hours', 'hour_counts', 'report', 'content', 'valid_rows',
+                'valid_hours', 'valid_hour_counts', 'median_hour', 'fingerprint_sums'):
+        assert updated.manifest[key] == rebuilt.manifest[key], key
+    assert [s['rows'] for s in updated.manifest['shards']] == [s['rows'] for s in rebuilt.manifest['shards']]
+    assert updated.events(file_order=True).equals(rebuilt.events(file_order=True))
+    msgs.clear()
+    load(path, msgs, **opts)
+    assert 'reusing' in msgs[0], msgs                           # the updated cache is whole
+    return updated
+
+
+@pytest.mark.parametrize('dedupe', [False, True])
+def test_appended_lines_update_the_cache_as_a_rebuild_would(tmp_path, demo_log, monkeypatch, dedupe):
+    path, tail = grow(demo_log, tmp_path / 'log', 0.8, dedupe=dedupe)
+    before = load(path, dedupe=dedupe)
+    cache = assert_update_equals_rebuild(path, tail, monkeypatch, dedupe=dedupe)
+    ev, _ = data.read_events(path, progress=False, dedupe=dedupe)
+    assert cache.events(file_order=True).equals(ev)
+    assert cache.report.duplicate_rows > before.report.duplicate_rows     # the tail repeats cached rows too
+
+
+@pytest.mark.parametrize('max_parts', [event_cache.MAX_PARTS, 2])
+def test_two_daily_refreshes_add_parts_then_compact_and_a_damaged_part_is_rebuilt(tmp_path, demo_log, monkeypatch,
+                                                                               max_parts):
+    monkeypatch.setattr(event_cache, 'MAX_PARTS', max_parts)
+    path, rest = grow(demo_log, tmp_path / 'log', 0.7)
+    lines = rest.splitlines(keepends=True)
+    first, second = b''.join(lines[:len(lines) // 2]), b''.join(lines[len(lines) // 2:])
+    once = assert_update_equals_rebuild(path, first, monkeypatch)
+    assert all(len(s['parts']) == 1 for s in once.manifest['shards'])       # every shard got rows: one part each
+    monkeypatch.undo()
+    monkeypatch.setattr(event_cache, 'MAX_PARTS', max_parts)
+    twice = assert_update_equals_rebuild(path, second, monkeypatch)
+    n_parts = [len(s.get('parts', [])) for s in twice.manifest['shards']]
+    assert n_parts == ([2] * len(n_parts) if max_parts > 2 else [0] * len(n_parts))   # 2 parts: compacted
+    files = sorted(p.name for p in Path(path + '.cache').iterdir())
+    assert len(files) == 1 + sum(1 + n for n in n_parts)                   # no file left behind
+    if max_parts > 2:
+        want = twice.events(file_order=True)
+        part = Path(path + '.cache') / twice.manifest['shards'][5]['parts'][1]['file']
+        b = bytearray(part.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        part.write_bytes(bytes(b))
+        msgs = []
+        again = load(path, msgs)
+        assert 'building' in msgs[0] and 'is damaged' in msgs[0], msgs
+        assert again.events(file_order=True).equals(want)
+
+
+def test_appended_userbehavior_lines_and_bad_rows_update_the_cache(tmp_path, monkeypatch):
+    path, tail = grow(UB_SAMPLE, tmp_path / 'ub', 0.9)
+    bad = b'1,2,3,click,1511544070\n\n1,2,3,pv,1511544070,9\n'
+    cache = assert_update_equals_rebuild(path, tail + bad, monkeypatch)
+    assert cache.report.skipped == data.read_events(path, progress=False)[1].skipped
+    assert sum(cache.report.skipped.values()) >= 3
+
+
+def test_strict_names_the_file_line_of_a_bad_appended_row(tmp_path):
+    path = write(tmp_path / 'log.csv', HEADER + FAR_ROWS)
+    load(path, strict=True)
+    with open(path, 'a') as f:
+        f.write('1,10,1,,5,2014-12-06 02\n1,11,7,,5,2014-12-06 02\n')
+    with pytest.raises(DataError, match=r'log\.csv: line 24: bad behavior'):
+        load(path, strict=True)
+    with pytest.raises(DataError, match=r'log\.csv: line 24: bad behavior'):
+        data.read_events(path, strict=True, progress=False)
+
+
+@pytest.mark.parametrize('change, why', [('edited', 'first'), ('no newline', 'line break'), ('window', 'window')])
+def test_a_log_changed_otherwise_is_rebuilt(tmp_path, change, why):
+    rows = FAR_ROWS
+    if change == 'no newline':
+        rows = rows.rstrip('\n')
+    path = write(tmp_path / 'log.csv', HEADER + rows)
+    opts = {'time_window_days': 3} if change == 'window' else {}
+    load(path, **opts)
+    text = Path(path).read_text()
+    if change == 'edited':                                      # same length, one digit changed, then grown
+        text = text.replace('2014-12-01', '2014-12-02', 1)
+    extra = ''.join(f'{u},{20 + u},1,,5,2014-12-{d:02d} 05\n' for u in range(1, 4) for d in range(9, 31))
+    Path(path).write_text(text + ('\n' if change == 'no newline' else '') + extra)
+    msgs = []
+    cache = load(path, msgs, **opts)
+    assert any('building' in m and why in m for m in msgs), msgs
+    ev, _ = data.read_events(path, progress=False, **opts)
+    assert cache.events(file_order=True).equals(ev)
+
+
 @pytest.mark.parametrize('damage, why', [('torn shard', 'is torn'), ('flipped byte', 'is damaged'),
                                          ('missing shard', 'is missing'), ('missing manifest', 'no manifest'),
                                          ('garbled manifest', 'unreadable manifest'), ('rebuild', 'rebuild requested'),
