@@ -409,18 +409,25 @@ def _split_last_day(path: str, before: str, last_day: str) -> int:
     return n
 
 
+def _cache_log(rows: int) -> str:
+    """bench_out/cache_tianchi_<rows>M.csv, a generated Tianchi log (written once, kept for the next run)."""
+    path = os.path.join(HERE, 'bench_out', f'cache_tianchi_{rows / 1e6:g}M.csv')
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        users = max(1000, rows // 100)
+        print(f'generating {path} ({rows:,} rows, {users:,} users) ...', flush=True)
+        g = run_task('data.generate', timeout=7200, path=path, users=users, mean_events=rows / users / 0.97, seed=1)
+        print(f'  generated {g["rows"]:,} rows in {g["seconds"]:.0f} s', flush=True)
+    return path
+
+
 @section('cache', 'event cache: first-run parse-and-cache and cached reload vs read_events (fresh process each)')
 def bench_cache(args) -> None:
     refuse_if_loaded(args, 'cache')
     rows = args.cache_rows
     folder = os.path.join(HERE, 'bench_out')
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f'cache_tianchi_{rows / 1e6:g}M.csv')
-    if not os.path.exists(path):
-        users = max(1000, rows // 100)
-        print(f'generating {path} ({rows:,} rows, {users:,} users) ...', flush=True)
-        g = run_task('data.generate', timeout=7200, path=path, users=users, mean_events=rows / users / 0.97, seed=1)
-        print(f'  generated {g["rows"]:,} rows in {g["seconds"]:.0f} s', flush=True)
+    path = _cache_log(rows)
     small = path.replace('.csv', '_head5th.csv')          # the first fifth of the same log: is build RSS bounded?
     if not os.path.exists(small):
         with open(path, 'rb') as src, open(small, 'wb') as dst:
@@ -1314,6 +1321,66 @@ def _train_rate(argv: list, nproc: int) -> float:
     if p.returncode != 0 or not rates:
         raise RuntimeError(f'train.py with {nproc} process(es) failed (rc {p.returncode}):\n{p.stderr[-3000:]}')
     return float(rates[-1])
+
+
+_RANK_PEAK = r"""
+import json, os, resource, runpy, sys
+sys.argv = ['train.py'] + sys.argv[1:]
+code = 0
+try:
+    runpy.run_path('train.py', run_name='__main__')
+except SystemExit as e:
+    code = e.code
+finally:
+    with open(os.path.join(os.environ['BENCH_RSS_DIR'], 'rank%s.json' % os.environ.get('RANK', '0')), 'w') as f:
+        json.dump({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+sys.exit(code)
+"""
+
+
+def _rank_peaks(argv: list, nproc: int) -> list[float]:
+    """Peak RSS (MB) of each process of one `train.py` run (nproc > 1: under torchrun, one per rank)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as save_dir:
+        code = [sys.executable, '-c', _RANK_PEAK]
+        cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                '--no-python'] if nproc > 1 else []) + code + [*argv, '--save_dir', save_dir]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=3600,
+                           env={**os.environ, 'BENCH_RSS_DIR': out})
+        if p.returncode != 0:
+            raise RuntimeError(f'train.py with {nproc} process(es) failed (rc {p.returncode}):\n{p.stderr[-3000:]}')
+        return [json.load(open(os.path.join(out, f'rank{r}.json')))['peak_rss_mb'] for r in range(nproc)]
+
+
+@section('ranks', 'peak RSS of each torchrun rank training on its own user shards (1, 2, 4 processes, tiny model)')
+def bench_ranks(args) -> None:
+    path = _cache_log(args.cache_rows)
+    tiny = ['--width', '32', '--item_embedding_dim', '16', '--category_embedding_dim', '8', '--hidden_dim', '16',
+            '--depth', '1', '--heads', '2', '--head_dim', '16', '--moe_experts', '8', '--moe_hidden', '32',
+            '--n_min', '20', '--n_max', '50', '--batch_size', '256', '--epochs', '1', '--no_redis', '--no-progress']
+    runs = [('1 process', 1, ['--no-evaluate']), ('2 processes', 2, ['--no-evaluate']),
+            ('4 processes', 4, ['--no-evaluate']), ('1 process, with --evaluate', 1, []),
+            ('2 processes, with --evaluate', 2, [])]
+    peaks = {}
+    with LoadWatch() as watch:
+        for name, nproc, extra in runs:
+            peaks[name] = _rank_peaks(['--data_path', path, *tiny, *extra], nproc)
+    # peak(W) = fixed + data / W: fitted on W = 1 and 4, checked on W = 2
+    r1, r4 = peaks['1 process'][0], max(peaks['4 processes'])
+    data_mb = (r1 - r4) * 4 / 3
+    fixed = r1 - data_mb
+    table = [[name, ' / '.join(f'{p:.0f}' for p in v), ' / '.join(f'{(p - fixed) / data_mb:.2f}' for p in v)]
+             for name, v in peaks.items()]
+    print_table(f'peak RSS per process, training 1 epoch on {os.path.basename(path)} (tiny model; ranks train on '
+                'their own user shards)', ['run', 'peak RSS MB (rank 0 / 1 / ...)',
+                                           "data part vs one process's (peak - fixed) / data"], table)
+    r2 = max(peaks['2 processes'])
+    print(f'  fit peak(W) = fixed + data / W on W = 1, 4: fixed {fixed:.0f} MB (libraries, model, optimiser, '
+          f'vocabulary: the same on every rank), data {data_mb:.0f} MB; W = 2 predicted {fixed + data_mb / 2:.0f} MB, '
+          f'measured {r2:.0f} MB\n  ' + watch.describe())
+    add_goal('ranks', 'per-rank data part at 2 ranks / 1 process (--no-evaluate; 0.5 = 1/W)',
+             (r2 - fixed) / data_mb, 0.6, '<=', 'x')
+    RESULTS['ranks'] = {'peaks_mb': peaks, 'fixed_mb': fixed, 'data_mb': data_mb, 'rows': args.cache_rows}
 
 
 @section('ddp', 'one training epoch in 1 process vs torchrun processes sharing every batch (Gloo on the CPU)')
