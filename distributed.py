@@ -197,23 +197,53 @@ def sharded_user_vectors(model, seqs, users: np.ndarray | None, ctx: Context, de
     return gather_array(local, split_sizes(len(users), ctx.world), ctx, device)
 
 
-def gather_own_user_vectors(model, seqs, ctx: Context, device: torch.device, users: np.ndarray | None = None,
-                            **kw) -> tuple[np.ndarray, np.ndarray]:
-    """Each rank embeds the users it read itself (seqs: its own users' sequences, None when it has none;
-    users: indices into seqs, default all of them); every rank gets (every rank's user ids, their vectors)
-    sorted by id, the order one process's Sequences has."""
+def own_user_vectors(model, seqs, ctx: Context, device: torch.device, users: np.ndarray | None = None,
+                     **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of the users this rank read itself (seqs: its own users' sequences, None when it has
+    none; users: indices into seqs, default all of them), in seqs' order."""
     hidden = getattr(model, "module", model).cfg.hidden_dim
     if seqs is not None and users is None:
         users = np.arange(seqs.n_users)
-    local_ids = np.zeros(0, np.int64) if seqs is None else seqs.user_ids[users]
+    ids = np.zeros(0, np.int64) if seqs is None else seqs.user_ids[users]
     kw["progress"] = kw.get("progress", True) and ctx.is_main
-    local = (np.zeros((0, hidden), np.float32) if seqs is None or len(users) == 0
-             else inference.compute_user_vectors(model, seqs, users, device=device, **kw))
-    parts = gather_objects(local_ids, ctx)
+    vectors = (np.zeros((0, hidden), np.float32) if seqs is None or len(users) == 0
+               else inference.compute_user_vectors(model, seqs, users, device=device, **kw))
+    return ids, vectors
+
+
+def gather_own_user_vectors(model, seqs, ctx: Context, device: torch.device, users: np.ndarray | None = None,
+                            **kw) -> tuple[np.ndarray, np.ndarray]:
+    """own_user_vectors of every rank, on every rank: (ids, vectors) sorted by id, the order one process's
+    Sequences has (validation scores them all on every rank)."""
+    ids, vectors = own_user_vectors(model, seqs, ctx, device, users, **kw)
+    parts = gather_objects(ids, ctx)
     ids = np.concatenate(parts)
-    vectors = gather_array(local, [len(p) for p in parts], ctx, device)
+    vectors = gather_array(vectors, [len(p) for p in parts], ctx, device)
     order = np.argsort(ids, kind="stable")
     return ids[order], vectors[order]
+
+
+def gather_to_main(ids: np.ndarray, vectors: np.ndarray, ctx: Context,
+                   device: torch.device) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Every rank's (ids, vectors) on rank 0 only, sorted by id (the other ranks get (None, None) and keep
+    only their own): what the single vectors file needs, without a copy of every vector on every rank."""
+    if not ctx.distributed:
+        order = np.argsort(ids, kind="stable")
+        return ids[order], vectors[order]
+    sizes = gather_objects(len(ids), ctx)
+    id_parts = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(ids, id_parts, dst=0)
+    width = max(max(sizes), 1)
+    local = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
+    local = torch.cat([local, local.new_zeros((width - len(ids),) + tuple(local.shape[1:]))])
+    parts = [torch.empty_like(local) for _ in range(ctx.world)] if ctx.is_main else None
+    dist.gather(local, parts, dst=0)
+    if not ctx.is_main:
+        return None, None
+    all_ids = np.concatenate(id_parts)
+    all_vectors = torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu().numpy()
+    order = np.argsort(all_ids, kind="stable")
+    return all_ids[order], all_vectors[order]
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -825,16 +825,20 @@ def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = di
     t0 = time.perf_counter()
     kw = dict(part="all", tower="long", min_len=cfg.n_min, max_len=cfg.n_max, batch_size=cfg.export_batch_size,
               progress=cfg.progress)
-    if own_users:
-        user_ids, vectors = distributed.gather_own_user_vectors(model, seqs, ctx, device, **kw)
+    mine = None
+    if own_users:  # each rank keeps its own vectors (it publishes them); rank 0 alone gets them all, for the file
+        mine = distributed.own_user_vectors(model, seqs, ctx, device, **kw)
+        counts = distributed.gather_objects((int((~np.isfinite(mine[1])).any(axis=1).sum()), len(mine[0])), ctx)
+        bad, n = np.sum(counts, axis=0).tolist()                     # one verdict, on every rank
+        user_ids, vectors = distributed.gather_to_main(*mine, ctx, device) if not bad else (None, None)
     else:
         user_ids, vectors = seqs.user_ids, distributed.sharded_user_vectors(model, seqs, None, ctx, device, **kw)
+        bad, n = int((~np.isfinite(vectors)).any(axis=1).sum()), len(vectors)  # every rank holds every vector
     seconds = time.perf_counter() - t0
-    bad = int((~np.isfinite(vectors)).any(axis=1).sum())  # every rank holds every vector: one verdict
     if bad:  # checked before the disk, so a NaN file never replaces good vectors
         if not ctx.is_main:
             return 0
-        raise SystemExit(f"error: {bad} of {len(vectors)} user vectors hold NaN or inf; nothing was written to "
+        raise SystemExit(f"error: {bad} of {n} user vectors hold NaN or inf; nothing was written to "
                          f"{cfg.save_dir}/{model_io.VECTORS_FILE} or Redis. The model's weights are not usable: "
                          "retrain with a lower --lr (or a larger --tau).")
     path = Path(cfg.save_dir) / model_io.VECTORS_FILE
@@ -843,17 +847,19 @@ def export(cfg, model, seqs, version: str, device, ctx: distributed.Context = di
         print(f"computed {len(vectors)} user vectors in {seconds:.1f} s ({len(vectors) / seconds:.0f} users/s) "
               f"-> {path}")
     distributed.barrier(ctx)  # on disk before any of them reaches Redis
-    return publish(cfg, user_ids, vectors, version, path, ctx)
+    return publish(cfg, user_ids, vectors, version, path, ctx, mine)
 
 
-def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vectors_path: Path,
-            ctx: distributed.Context = distributed.Context()) -> int:
+def publish(cfg, user_ids: np.ndarray | None, vectors: np.ndarray | None, version: str, vectors_path: Path,
+            ctx: distributed.Context = distributed.Context(), mine: tuple | None = None) -> int:
     """Publish to Redis; returns the process exit status (0, or EXIT_REDIS with the vectors safe on disk).
 
-    Under torchrun every rank writes its contiguous share of the users (to a cluster: straight to the
-    primaries owning their keys); rank 0 checks and registers the publish first, and records the metadata
-    and switches the versioned pointer once, after every rank's keys are acknowledged. A failure on any
-    rank leaves the pointer and __meta__ as they were (the re-publish hint completes it)."""
+    Under torchrun every rank writes its share of the users (to a cluster: straight to the primaries
+    owning their keys): mine, the (ids, vectors) it computed itself, or else a contiguous share of
+    (user_ids, vectors), which every rank then holds (with mine, only rank 0 holds them all). Rank 0 checks
+    and registers the publish first, and records the metadata and switches the versioned pointer once,
+    after every rank's keys are acknowledged. A failure on any rank leaves the pointer and __meta__ as they
+    were (the re-publish hint completes it)."""
     if cfg.no_redis:
         print(f"--no_redis: vectors are in {vectors_path}; publish later with "
               f"python train.py --republish --save_dir {cfg.save_dir}")
@@ -870,7 +876,15 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
     url, error = distributed.broadcast((url, error), ctx)
     # the bundled server listens on rank 0's machine only: then rank 0 writes every key
     sharded = ctx.distributed and bool(cfg.redis_url)
-    part = distributed.shard_slice(len(user_ids), ctx) if sharded else slice(None if ctx.is_main else 0)
+    if sharded and mine is not None:
+        ids, part_vectors = mine
+    elif sharded:
+        part = distributed.shard_slice(len(user_ids), ctx)
+        ids, part_vectors = user_ids[part], vectors[part]
+    elif ctx.is_main:
+        ids, part_vectors = user_ids, vectors
+    else:
+        ids, part_vectors = (t[:0] for t in (mine if mine is not None else (user_ids, vectors)))
     hint = f"python train.py --republish --save_dir {cfg.save_dir}" + redis_flags(cfg, url)
     where = {"vectors_path": str(vectors_path), "republish_hint": hint}
 
@@ -887,9 +901,8 @@ def publish(cfg, user_ids: np.ndarray, vectors: np.ndarray, version: str, vector
         """Every rank learns the first rank's error (a collective: every rank calls it)."""
         return next((e for e in distributed.gather_objects(err, ctx) if e), None)
 
-    ids = user_ids[part]
     client, error = attempt(lambda: redis_store.connect(url, **where) if len(ids) or ctx.is_main else None)
-    prepared, error = attempt(lambda: redis_store.prepare(ids, vectors[part], cfg.redis_format, allow_empty=True))
+    prepared, error = attempt(lambda: redis_store.prepare(ids, part_vectors, cfg.redis_format, allow_empty=True))
     error = agree(error)
     fingerprints = distributed.gather_objects(prepared[2] if prepared and len(ids) else "", ctx)
     plan, error = attempt(lambda: redis_store.begin(
