@@ -554,6 +554,8 @@ class MoE(nn.Module):
         """Mixed expert outputs (t, d) through two grouped matmuls over the sorted pairs."""
         group_ends = sizes.cumsum(0).to(torch.int32)                        # (E+S,)
         real = expert < self.n_experts                                      # (r,) pairs of real tokens
+        if xn.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):    # the grouped matmul is no autocast op
+            xn = xn.to(torch.get_autocast_dtype('cpu'))
         return _SortedExperts.apply(xn, self.w_in.to(xn.dtype), self.w_out.to(xn.dtype), w.to(xn.dtype),
                                     token, group_ends, real)
 

@@ -637,13 +637,15 @@ def model_flops(cfg, long_len: int, long_real: float, short_len: int, short_real
     return (3 if train else 1) * fwd
 
 
-def _train_setup(batch_size: int, width: int, n_len: int, device: str):
+def _train_setup(batch_size: int, width: int, n_len: int, device: str, precision: str = 'auto'):
     import numpy as np
     import torch
     import data
     import train
     cfg = train.parse_args(['--n_min', str(n_len), '--n_max', str(n_len), '--width', str(width),
-                            '--batch_size', str(batch_size), '--device', device, '--no-progress'])
+                            '--batch_size', str(batch_size), '--device', device, '--no-progress',
+                            '--precision', precision])
+    cfg.precision = runtime.resolve_precision(cfg.precision, torch.device(device))   # as train.run does
     events, _ = data.read_events(_demo_log(), progress=False)
     vocab = data.Vocab.fit(events, min_item_count=cfg.min_item_count)
     seqs = data.build_sequences(events, vocab)
@@ -656,20 +658,21 @@ def _train_setup(batch_size: int, width: int, n_len: int, device: str):
 
 @task('model')
 def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users: int = 0,
-                device: str = 'cpu', profile: bool = False) -> dict:
+                device: str = 'cpu', profile: bool = False, precision: str = 'auto') -> dict:
     """Training steps (train.batch_forward / build_optimizers, optimiser included), each followed
     by a GEMM-peak measurement and, with infer_users, an export pass (inference.compute_user_vectors) over
-    that many users: every repeat yields a paired (step, peak, export) triple."""
+    that many users: every repeat yields a paired (step, peak, export) triple. The peak is measured in the
+    precision the step's matmuls use (--precision, resolved as train.py does: bf16 on CPUs with native bf16)."""
     import numpy as np
     import torch
     import inference
     import train
     tuned = runtime.tune_malloc()
-    cfg, seqs, model, opts, dev, users = _train_setup(batch_size, width, n_len, device)
+    cfg, seqs, model, opts, dev, users = _train_setup(batch_size, width, n_len, device, precision)
     rng = np.random.default_rng(0)
     cuda = dev.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    peak_dtype = torch.bfloat16 if cuda else torch.float32
+    peak_dtype = torch.bfloat16 if cfg.precision == 'bf16' else torch.float32
 
     def step(batch_users):
         t0 = time.perf_counter()
@@ -729,7 +732,7 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
             step(rng.choice(users, size=batch_size, replace=False))
         rec['profile'] = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)
     rec.update(batch_size=batch_size, width=width, n_len=n_len, malloc_tuned=tuned,
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), precision=cfg.precision)
     return rec
 
 
@@ -766,6 +769,10 @@ def bench_train(args) -> None:
     refuse_if_loaded(args, '--only train')
     with LoadWatch() as watch:
         r = _model_run(args)
+        # the other precision, for comparison (on CPUs without native bf16, bf16 is emulated: not worth it)
+        other = 'fp32' if r['precision'] == 'bf16' else ('bf16' if runtime.cpu_native_bf16() else None)
+        o = (run_task('model', batch_size=r['batch_size'], width=128, n_len=100, steps=len(r['step_s']),
+                      precision=other) if other else None)
     m = _rates(r)
     rows = [['training step (fwd + bwd + Adam/SparseAdam)', f'{m["step_s"]:.2f}', f'{m["triplets_per_s"]:.1f}', ''],
             ['  forward + backward', f'{m["fwd_bwd_s"]:.2f}', f'{r["batch_size"] / m["fwd_bwd_s"]:.1f}',
@@ -774,8 +781,14 @@ def bench_train(args) -> None:
             ['ceiling: analytic FLOPs at the GEMM peak', '', f'{m["ceiling_triplets_per_s"]:.1f}',
              f'{m["gflop_per_triplet"]:.2f} GFLOP/triplet, peak {m["peak_gflops"]:.0f} GFLOP/s']]
     print_table(f'training, width {r["width"]}, long length {r["n_len"]}, batch {r["batch_size"]}, '
-                f'{len(r["step_s"])} steps (medians), {r["threads"]} threads, malloc tuned: {r["malloc_tuned"]}',
+                f'{len(r["step_s"])} steps (medians), {r["threads"]} threads, malloc tuned: {r["malloc_tuned"]}, '
+                f'matmuls in {r["precision"]} (MFU against the {r["precision"]} GEMM peak)',
                 ['what', 's/step', 'triplets/s', 'notes'], rows)
+    if o is not None:
+        mo = _rates(o)
+        print(f'  the same step with --precision {other} (its own process, right after): '
+              f'{mo["triplets_per_s"]:.1f} triplets/s ({m["triplets_per_s"] / mo["triplets_per_s"]:.2f}x for '
+              f'{r["precision"]}), MFU {mo["mfu"]:.1%} against the {other} GEMM peak {mo["peak_gflops"]:.0f} GFLOP/s')
     print(f'\n  each of the {len(m["mfu_each"])} repeats is a training step followed by a GEMM-peak measurement '
           f'(interleaved): MFU {spread(m["mfu_each"])}, peak {spread(m["peak_each"], "{:.0f}")} GFLOP/s, '
           f'{spread(m["tps_each"], "{:.1f}")} triplets/s\n  {watch.describe()}')
@@ -784,7 +797,8 @@ def bench_train(args) -> None:
     add_goal('train', 'training MFU, optimiser included' + ('' if watch.quiet else ' (UNDER LOAD)'),
              100 * m['mfu'], 50, '>=', '%')
     out = {**m, 'batch_size': r['batch_size'], 'others_cores': watch.others_cores, 'quiet': watch.quiet,
-           'load_start': watch.load_start}
+           'load_start': watch.load_start, 'precision': r['precision'],
+           'other_precision': None if o is None else {'precision': other, **_rates(o)}}
     # malloc: whole processes with and without runtime.tune_malloc (mallopt is process-wide), alternated
     if not args.skip_malloc:
         # the same batch as above: glibc maps every buffer over 32 MB afresh, and at batch 128 the attention

@@ -21,10 +21,15 @@ def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict
     return out
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on the CPU, where bf16 matmuls are slower than fp32."""
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast of the matmuls on CUDA ("auto", "bf16") and on the CPU with "bf16" (train.py's
+    --precision; CPUs without native bf16 emulate it slowly); else a no-op (float32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -45,6 +45,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo): there bf16
+    matmuls run 2-4x faster than float32 (measured: AMD EPYC with AVX512-BF16, 2 threads, 418 vs 191 GFLOP/s
+    at 2048^3); elsewhere they are emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto -> 'bf16' on CUDA and on CPUs with native bf16, else 'fp32'; fp32 / bf16 as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cpu_native_bf16() else "fp32"
+
+
 def pick_device(name: str) -> torch.device:
     """Resolve --device: 'auto' takes CUDA when present, else the CPU."""
     if name == "auto":

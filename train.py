@@ -97,6 +97,7 @@ TAU = 0.1  # temperature on cosine similarities; 1.0 with --loss bpr reproduces 
 RANDOM_CUTS = True  # a new random history/future cut of every user each epoch; off = the seed's fixed 90/10 split
 SEED = 1337  # seeds data split, initialisation, dropout and negatives
 DEVICE = "auto"  # auto | cpu | cuda | cuda:N (auto takes CUDA when present)
+PRECISION = "auto"  # training matmuls: auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; fp32 elsewhere) | fp32 | bf16
 # export and Redis
 EXPORT_BATCH_SIZE = 512  # users per inference batch when computing vectors
 REDIS_URL = ""  # redis://[:password@]host:port/db, rediss://, redis+cluster://host:port (any node); empty = localhost:6379, started if needed
@@ -113,7 +114,7 @@ PROGRESS = True  # progress bars
 CHECKS = {
     "data_format": ("auto", "tianchi", "userbehavior"), "pooling": ("cls", "mean"),
     "moe_balance": ("running", "seed", "bias", "none"), "loss": ("allaction", "infonce", "bpr"),
-    "lr_schedule": ("cosine", "constant"), "redis_format": ("json", "f32"), "redis_layout": ("plain", "versioned"),
+    "lr_schedule": ("cosine", "constant"), "precision": ("auto", "fp32", "bf16"), "redis_format": ("json", "f32"), "redis_layout": ("plain", "versioned"),
     **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
                      "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
                      "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
@@ -155,6 +156,7 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
     distributed.quiet_unless_main(ctx)
     if not ctx.is_main:
         cfg.progress = False
+    cfg.precision = runtime.resolve_precision(cfg.precision, device)   # recorded as used, in config.json too
     print("config: " + json.dumps(public_config(cfg), sort_keys=True))
     # distributed with the cache, each rank reads and trains on its own user shards; else every rank reads
     # the whole log and takes a share of every (identical) global batch
@@ -615,7 +617,7 @@ def batch_forward(net, seqs, batch_users: np.ndarray, neg_shift: int, cfg, devic
             batch_events = tuple(np.concatenate(p) for p in zip(*parts))
         cands, pairs = future_candidates(short_built, local, getattr(net, "module", net).cfg.n_categories, log_q,
                                          batch_events)
-    with inference.autocast(device):
+    with inference.autocast(device, cfg.precision):
         long_v, short_v, cand_v = net(to_t(long_b, device), to_t(short_b, device),
                                       [tuple(torch.from_numpy(np.asarray(a, np.int64)).to(device) for a in c)
                                        for c in cands] if cands else None)

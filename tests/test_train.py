@@ -522,3 +522,42 @@ def test_user_split_keeps_two_validation_users_and_refuses_too_few():
     assert 0 not in tr | va | te  # one event: no long and short part
     with pytest.raises(SystemExit, match="only 3 user.*fewer than 2 are left"):
         _split(np.arange(3))
+
+
+def test_precision_auto_takes_bf16_only_where_it_is_native():
+    cpu = torch.device("cpu")
+    assert train.runtime.resolve_precision("fp32", cpu) == "fp32"
+    assert train.runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert train.runtime.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    for native in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train.runtime, "cpu_native_bf16", lambda: native)
+            assert train.runtime.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+
+
+def test_a_bf16_training_step_runs_the_experts_in_bf16_and_stays_near_fp32(demo_log, monkeypatch):
+    import data
+    cfg = train.parse_args(["--data_path", str(demo_log), *TINY, "--dropout", "0", "--no-random_cuts"])
+    events, _ = data.read_events(str(demo_log), progress=False)
+    vocab = data.Vocab.fit(events)
+    seqs = data.build_sequences(events, vocab)
+    torch.manual_seed(0)
+    model = train.build_model(cfg, vocab)
+    seen, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, *args, **kw: seen.append(a.dtype) or real(a, b, *args, **kw))
+    users = np.asarray(seqs.trainable)[:32]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg.precision = precision
+        seen.clear()
+        loss, value = train.batch_forward(model, seqs, users, 3, cfg, torch.device("cpu"))
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        assert all(g.dtype == torch.float32 for g in grads.values())        # the parameters stay fp32
+        out[precision] = value, set(seen), torch.cat([(g.to_dense() if g.is_sparse else g).flatten()
+                                                     for g in grads.values()])
+        model.zero_grad(set_to_none=True)
+    assert out["fp32"][1] == {torch.float32} and out["bf16"][1] == {torch.bfloat16}
+    assert abs(out["bf16"][0] - out["fp32"][0]) < 0.02 * abs(out["fp32"][0])
+    cos = torch.nn.functional.cosine_similarity(out["bf16"][2], out["fp32"][2], dim=0)
+    assert cos > 0.99                                                          # the same step, rounded
