@@ -658,11 +658,12 @@ def _train_setup(batch_size: int, width: int, n_len: int, device: str, precision
 
 @task('model')
 def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users: int = 0,
-                device: str = 'cpu', profile: bool = False, precision: str = 'auto') -> dict:
+                device: str = 'cpu', profile: bool = False, precision: str = 'auto', other: str = '') -> dict:
     """Training steps (train.batch_forward / build_optimizers, optimiser included), each followed
     by a GEMM-peak measurement and, with infer_users, an export pass (inference.compute_user_vectors) over
     that many users: every repeat yields a paired (step, peak, export) triple. The peak is measured in the
-    precision the step's matmuls use (--precision, resolved as train.py does: bf16 on CPUs with native bf16)."""
+    precision the step's matmuls use (--precision, resolved as train.py does: bf16 on CPUs with native bf16).
+    other ('fp32' / 'bf16'): each repeat also times a step and a peak in that precision (rec['other'])."""
     import numpy as np
     import torch
     import inference
@@ -673,8 +674,10 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
     cuda = dev.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak_dtype = torch.bfloat16 if cfg.precision == 'bf16' else torch.float32
+    main_precision = cfg.precision
 
-    def step(batch_users):
+    def step(batch_users, precision=None):
+        cfg.precision = precision or main_precision
         t0 = time.perf_counter()
         loss, _ = train.batch_forward(model, seqs, batch_users, int(rng.integers(1, len(batch_users))), cfg, dev)
         for opt in opts:
@@ -711,6 +714,7 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
     if len(infer_set):
         export_seconds()
     rec = {'fwd_bwd_s': [], 'opt_s': [], 'step_s': [], 'flops': [], 'peak_gflops': [], 'export_s': []}
+    alt = {k: [] for k in ('fwd_bwd_s', 'opt_s', 'step_s', 'flops', 'peak_gflops')} if other else None
     for _ in range(steps):
         b = rng.choice(users, size=batch_size, replace=False)
         rec['flops'].append(flops_of(b))
@@ -719,6 +723,15 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
         rec['opt_s'].append(op)
         rec['step_s'].append(fb + op)
         rec['peak_gflops'].append(matmul_peak_gflops(4096 if cuda else 2048, device=dev.type, dtype=peak_dtype))
+        if alt is not None:                   # the same kind of step in the other precision, interleaved
+            b = rng.choice(users, size=batch_size, replace=False)
+            alt['flops'].append(flops_of(b))
+            fb, op = step(b, other)
+            alt['fwd_bwd_s'].append(fb)
+            alt['opt_s'].append(op)
+            alt['step_s'].append(fb + op)
+            alt['peak_gflops'].append(matmul_peak_gflops(
+                4096 if cuda else 2048, device=dev.type, dtype=torch.bfloat16 if other == 'bf16' else torch.float32))
         if len(infer_set):
             rec['export_s'].append(export_seconds())
     if len(infer_set):
@@ -732,7 +745,9 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
             step(rng.choice(users, size=batch_size, replace=False))
         rec['profile'] = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)
     rec.update(batch_size=batch_size, width=width, n_len=n_len, malloc_tuned=tuned,
-               threads=torch.get_num_threads(), precision=cfg.precision)
+               threads=torch.get_num_threads(), precision=main_precision)
+    if alt is not None:
+        rec['other'] = {**alt, 'batch_size': batch_size, 'precision': other}
     return rec
 
 
@@ -746,8 +761,11 @@ def _model_run(args) -> dict:
         import train
         batch = args.batch_size or train.BATCH_SIZE          # the default shape: what users run
         steps = 12 if args.full else 6
+        import torch
+        # where the default trains in bf16, fp32 steps are timed between its steps (the comparison)
+        other = 'fp32' if runtime.resolve_precision('auto', torch.device('cpu')) == 'bf16' else ''
         _MODEL_RUNS[key] = run_task('model', batch_size=batch, width=128, n_len=100, steps=steps,
-                                    infer_users=(2048 if args.full else 1024), profile=args.profile)
+                                    infer_users=(2048 if args.full else 1024), profile=args.profile, other=other)
     return _MODEL_RUNS[key]
 
 
@@ -769,10 +787,7 @@ def bench_train(args) -> None:
     refuse_if_loaded(args, '--only train')
     with LoadWatch() as watch:
         r = _model_run(args)
-        # the other precision, for comparison (on CPUs without native bf16, bf16 is emulated: not worth it)
-        other = 'fp32' if r['precision'] == 'bf16' else ('bf16' if runtime.cpu_native_bf16() else None)
-        o = (run_task('model', batch_size=r['batch_size'], width=128, n_len=100, steps=len(r['step_s']),
-                      precision=other) if other else None)
+    o = r.get('other')
     m = _rates(r)
     rows = [['training step (fwd + bwd + Adam/SparseAdam)', f'{m["step_s"]:.2f}', f'{m["triplets_per_s"]:.1f}', ''],
             ['  forward + backward', f'{m["fwd_bwd_s"]:.2f}', f'{r["batch_size"] / m["fwd_bwd_s"]:.1f}',
@@ -786,9 +801,10 @@ def bench_train(args) -> None:
                 ['what', 's/step', 'triplets/s', 'notes'], rows)
     if o is not None:
         mo = _rates(o)
-        print(f'  the same step with --precision {other} (its own process, right after): '
-              f'{mo["triplets_per_s"]:.1f} triplets/s ({m["triplets_per_s"] / mo["triplets_per_s"]:.2f}x for '
-              f'{r["precision"]}), MFU {mo["mfu"]:.1%} against the {other} GEMM peak {mo["peak_gflops"]:.0f} GFLOP/s')
+        ratio = median([a / b for a, b in zip(o['step_s'], r['step_s'])])
+        print(f'  steps with --precision {o["precision"]}, interleaved with those above: {mo["triplets_per_s"]:.1f} '
+              f'triplets/s ({r["precision"]} is {ratio:.2f}x faster, median of the paired ratios), MFU {mo["mfu"]:.1%} '
+              f'against the {o["precision"]} GEMM peak {mo["peak_gflops"]:.0f} GFLOP/s')
     print(f'\n  each of the {len(m["mfu_each"])} repeats is a training step followed by a GEMM-peak measurement '
           f'(interleaved): MFU {spread(m["mfu_each"])}, peak {spread(m["peak_each"], "{:.0f}")} GFLOP/s, '
           f'{spread(m["tps_each"], "{:.1f}")} triplets/s\n  {watch.describe()}')
@@ -798,7 +814,7 @@ def bench_train(args) -> None:
              100 * m['mfu'], 50, '>=', '%')
     out = {**m, 'batch_size': r['batch_size'], 'others_cores': watch.others_cores, 'quiet': watch.quiet,
            'load_start': watch.load_start, 'precision': r['precision'],
-           'other_precision': None if o is None else {'precision': other, **_rates(o)}}
+           'other_precision': None if o is None else {'precision': o['precision'], **_rates(o)}}
     # malloc: whole processes with and without runtime.tune_malloc (mallopt is process-wide), alternated
     if not args.skip_malloc:
         # the same batch as above: glibc maps every buffer over 32 MB afresh, and at batch 128 the attention
