@@ -588,7 +588,10 @@ def build(log_path: str, directory: Path, options: dict, n_shards: int, progress
         manifest['build_seconds'] = round(time.perf_counter() - t0, 2)
         _write_manifest(tmp, manifest)
         if not _swap_in(tmp, directory):           # another process's build of the same log landed first
-            return check(directory, log_path, options, None, verify=True)
+            try:
+                return check(directory, log_path, options, None, verify=True)
+            except CacheStale:                     # ... with other options (or another log): build ours again
+                return build(log_path, directory, options, n_shards, progress)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -661,7 +664,10 @@ def append(log_path: str, directory: Path, manifest: dict, options: dict, progre
         updated['update_seconds'] = round(time.perf_counter() - t0, 2)
         _write_manifest(tmp, updated)
         if not _swap_in(tmp, directory):           # another process updated or rebuilt it first
-            return check(directory, log_path, options, None, verify=True)
+            try:
+                return check(directory, log_path, options, None, verify=True)
+            except CacheStale:
+                return build(log_path, directory, options, n_shards, progress)
         return updated
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -366,3 +366,28 @@ def test_counts_added_over_shards_equal_one_count_of_all_rows():
         total = event_cache._merge_counts(*total, *event_cache._distinct_counts(p))
     want = np.unique(np.concatenate(parts), return_counts=True)
     assert np.array_equal(total[0], want[0]) and np.array_equal(total[1], want[1])
+
+
+def test_a_build_that_loses_the_race_to_other_options_builds_again(tmp_path, demo_log, monkeypatch):
+    """Another process's build with other options (--dedupe) lands between our two renames: ours is dropped,
+    theirs does not fit, so ours is built again (not an error, not their cache)."""
+    path = fresh_copy(demo_log, tmp_path / 'log')
+    real, calls = event_cache._swap_in, []
+
+    def racing(tmp, directory):
+        calls.append(tmp)
+        if len(calls) == 1:                                     # theirs lands first
+            monkeypatch.setattr(event_cache, '_swap_in', real)
+            load(path, dedupe=True)
+            monkeypatch.setattr(event_cache, '_swap_in', racing)
+            shutil.rmtree(tmp, ignore_errors=True)             # (one process here: theirs used the same temp name)
+            return False
+        return real(tmp, directory)
+
+    monkeypatch.setattr(event_cache, '_swap_in', racing)
+    cache = load(path)
+    assert len(calls) == 2 and cache.manifest['options']['dedupe'] is False
+    assert cache.report.duplicates_dropped == 0 and cache.report.duplicate_rows > 0
+    msgs = []
+    load(path, msgs)
+    assert 'reusing' in msgs[0]
