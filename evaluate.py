@@ -617,15 +617,17 @@ def main(argv: list[str] | None = None) -> int:
     device = runtime.pick_device(args.device)
     try:  # bad input is one line, as in train.py; bugs keep their traceback
         model, vocab, config = model_io.load_model(args.save_dir, device)
-        window = config.get('train', {}).get('time_window_days', data.TIME_WINDOW_DAYS)
+        # the log read as the model's training read it: its time window and duplicate handling
+        read = {'time_window_days': config.get('train', {}).get('time_window_days', data.TIME_WINDOW_DAYS),
+                'dedupe': bool(config.get('train', {}).get('dedupe', False))}
         if args.cache:
             import event_cache
             cache = event_cache.load(args.data_path, data_format=args.data_format, progress=args.progress,
-                                     time_window_days=window, save_dir=args.save_dir)
+                                     save_dir=args.save_dir, **read)
             events, report = cache.events(), cache.report
         else:
             events, report = data.read_events(args.data_path, data_format=args.data_format, progress=args.progress,
-                                              time_window_days=window)
+                                              **read)
     except (data.DataError, model_io.ModelSetError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None
     print(report.summary())

@@ -1,5 +1,6 @@
 """evaluate.py and report.py: metrics by hand, no leakage, determinism, trained beats random, report files."""
 import json
+import shutil
 import math
 
 import numpy as np
@@ -272,3 +273,18 @@ def test_write_report_directly_handles_nan_and_empty_inputs(tmp_path):
     empty = report.write_report(tmp_path / "b")
     assert all(p.exists() for p in empty.values())
     assert not list((tmp_path / "a").glob(".*.tmp"))                     # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
+def test_cli_reads_the_log_as_the_model_was_trained_on_it(trained, demo_log, tmp_path, capsys, cache):
+    """A model trained with --dedupe is evaluated on the deduplicated log (its training read), not the raw one."""
+    saved = tmp_path / "saved"
+    shutil.copytree(trained, saved)
+    config = json.loads((saved / "config.json").read_text())
+    config["train"]["dedupe"] = True
+    (saved / "config.json").write_text(json.dumps(config))
+    log = tmp_path / "log" / demo_log.name
+    log.parent.mkdir()
+    shutil.copyfile(demo_log, log)
+    assert evaluate.main(["--save_dir", str(saved), "--data_path", str(log), "--no-progress", cache]) == 0
+    assert "dropped (--dedupe)" in capsys.readouterr().out
