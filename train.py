@@ -12,7 +12,7 @@ On several GPUs or machines (DistributedDataParallel; see distributed.py):
     torchrun --nproc_per_node=8 train.py --batch_size 2048
 The seed project's recipe (BPR on cosine, one negative, fixed 90/10 split, per-epoch expert penalty, its shapes):
     python train.py --loss bpr --tau 1 --no-skip_pool --no-random_cuts --lr_schedule constant --moe_balance seed \
-        --batch_size 256 --depth 4 --item_embedding_dim 128
+        --batch_size 256 --depth 4 --item_embedding_dim 128 --precision fp32
 Held-out quality of the defaults on the demo log and the real sample, 3 seeds (README's table): python quality.py
 Every constant below is also a flag: --epochs 10, --moe_balance bias, --no-evaluate, ...
 """
