@@ -179,6 +179,38 @@ def test_export_only_reuses_the_event_cache_and_exports_what_the_csv_gives(train
     assert "event cache: reusing" in capsys.readouterr().out
 
 
+def test_daily_refresh_parses_only_the_new_day_and_exports_what_the_csv_gives(trained, demo_log, tmp_path, capsys):
+    """The daily refresh: yesterday's log is cached; today it has one more day (new users too) appended.
+    --export_only updates the cache from the appended lines only, and its vectors equal a --no-cache export."""
+    save_dir, _ = trained
+    lines = demo_log.read_text().splitlines(keepends=True)
+    last_day = max(line.rsplit(",", 1)[1][:10] for line in lines[1:])
+    extra = [f"{900000 + i},{i},1,,5,{last_day} 07\n" for i in range(3)]   # users the log did not have
+    log = tmp_path / "log" / demo_log.name
+    log.parent.mkdir()
+    log.write_text(lines[0] + "".join(line for line in lines[1:] if not line.rsplit(",", 1)[1].startswith(last_day)))
+    work = tmp_path / "yesterday"
+    shutil.copytree(save_dir, work)
+    assert train.main(["--export_only", "--data_path", str(log), "--save_dir", str(work), "--no_redis",
+                       "--no-progress"]) == 0                      # builds the cache of yesterday's log
+    with open(log, "a") as f:
+        f.writelines([line for line in lines[1:] if line.rsplit(",", 1)[1].startswith(last_day)] + extra)
+    vectors = {}
+    for flag in ("--cache", "--no-cache"):
+        work = tmp_path / flag
+        shutil.copytree(save_dir, work)
+        capsys.readouterr()
+        assert train.main(["--export_only", "--data_path", str(log), "--save_dir", str(work), "--no_redis",
+                           "--no-progress", flag]) == 0
+        out = capsys.readouterr().out
+        if flag == "--cache":
+            assert "event cache: updating" in out and "event cache: updated" in out and "building" not in out
+        vectors[flag] = model_io.load_vectors(work)[:2]
+    assert {900000, 900001, 900002} <= set(vectors["--cache"][0].tolist())
+    assert np.array_equal(vectors["--cache"][0], vectors["--no-cache"][0])
+    assert np.array_equal(vectors["--cache"][1], vectors["--no-cache"][1])
+
+
 def test_redis_password_is_in_no_output_and_no_saved_file(demo_log, tmp_path, capsys):
     server = redis_servers.start_test_server(args=("--requirepass", "s3cretpw"))
     url = f"redis://:s3cretpw@127.0.0.1:{server.port}/0"
