@@ -370,6 +370,11 @@ def _leading_long_lines(path: str) -> list[int]:
     return found
 
 
+def _column_name(header_field) -> str:
+    """A Tianchi header field as _detect_format matched it: case, quotes, spaces and a BOM do not matter."""
+    return str(header_field).lstrip('\ufeff').strip().strip('"').lower()
+
+
 def _reader(handle, fmt: str, has_header: bool, typed: bool, skip_lines: list[int] = (),
             names: list[str] | None = None):
     """pandas' chunked reader of the log. names: the handle starts past the header (a Tianchi log read from a
@@ -384,7 +389,7 @@ def _reader(handle, fmt: str, has_header: bool, typed: bool, skip_lines: list[in
         # of reporting the line); the geohash read as plain strings makes the whole read ~1.3x slower, not 10x.
         # Leading lines with extra fields are skipped here: pandas would take the first one as an index column.
         if names is not None:
-            dtype = {c: dtype.get(c.lstrip('\ufeff').strip().strip('"').lower(), str) for c in names}
+            dtype = {c: dtype.get(_column_name(c), str) for c in names}
             return pd.read_csv(handle, header=None, names=names, index_col=False, dtype=dtype, **kw)
         return pd.read_csv(handle, header=0, index_col=False, skiprows=[n - 1 for n in skip_lines],
                            dtype=dtype | {'user_geohash': str}, **kw)
@@ -448,7 +453,7 @@ def _read_validated(path: str, fmt: str, has_header: bool, strict: bool, typed: 
                     _check_gz(path)  # damage decompresses to junk before the CRC check catches it: blame the damage
                     raise DataError(f'{path}: cannot parse as {_EXPECTED[fmt]} ({e})') from None
                 if fmt == 'tianchi':  # header names as _detect_format matched them: case, quotes, BOM do not matter
-                    chunk.columns = [str(c).lstrip('\ufeff').strip().strip('"').lower() for c in chunk.columns]
+                    chunk.columns = [_column_name(c) for c in chunk.columns]
                 if not typed:  # a CSV writer that quotes every field ("1","2",...) lands here: unquote the values
                     for c in chunk.columns:
                         if not isinstance(chunk[c].dtype, pd.CategoricalDtype):  # object or str: text
