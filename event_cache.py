@@ -537,7 +537,7 @@ def _member(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _write_manifest(tmp: Path, manifest: dict) -> None:
-    with open(tmp / MANIFEST, 'w') as f:           # last: without it the folder is no cache
+    with open(tmp / MANIFEST, 'w') as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -551,11 +551,22 @@ def _temp_dir(directory: Path) -> Path:
     return tmp
 
 
-def _progress(total: int, desc: str, progress: bool):
-    if not progress:
-        return None
+def _shard_range(n_shards: int, desc: str, progress: bool):
+    """range(n_shards), with a progress bar when progress."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit='shard', file=sys.stderr, leave=False)
+    return tqdm(range(n_shards), desc=desc, unit='shard', file=sys.stderr, leave=False, disable=not progress)
+
+
+def _land(tmp: Path, directory: Path, manifest: dict, log_path: str, options: dict, progress: bool) -> dict:
+    """Write the manifest (last: without it the folder is no cache) and swap the folder in. When another
+    process's cache landed first: theirs if it fits this log and these options, else ours is built again."""
+    _write_manifest(tmp, manifest)
+    if _swap_in(tmp, directory):
+        return manifest
+    try:
+        return check(directory, log_path, options, None, verify=True)
+    except CacheStale:
+        return build(log_path, directory, options, manifest['n_shards'], progress)
 
 
 def build(log_path: str, directory: Path, options: dict, n_shards: int, progress: bool = True) -> dict:
@@ -576,23 +587,12 @@ def build(log_path: str, directory: Path, options: dict, n_shards: int, progress
         # 2. per shard: the time window (median of the histogram), duplicates, Parquet
         valid_hours = spill.valid_hours()
         shards = _Shards(tmp, options, _median_hour(valid_hours, options['time_window_days']))
-        bar = _progress(n_shards, 'writing event cache shards', progress)
-        for k in range(n_shards):
+        for k in _shard_range(n_shards, 'writing event cache shards', progress):
             shards.add(k, spill.take(k))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
         manifest = shards.manifest(info, options, source, content, n_shards, spill.row, valid_hours,
                                    info.rows_read, info.skipped, slow_path=info.slow_path)
         manifest['build_seconds'] = round(time.perf_counter() - t0, 2)
-        _write_manifest(tmp, manifest)
-        if not _swap_in(tmp, directory):           # another process's build of the same log landed first
-            try:
-                return check(directory, log_path, options, None, verify=True)
-            except CacheStale:                     # ... with other options (or another log): build ours again
-                return build(log_path, directory, options, n_shards, progress)
-        return manifest
+        return _land(tmp, directory, manifest, log_path, options, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -639,8 +639,7 @@ def append(log_path: str, directory: Path, manifest: dict, options: dict, progre
         old = Cache(directory, manifest, None)
         shards = _Shards(tmp, options, median, {c: int(v) for c, v in manifest['fingerprint_sums'].items()},
                          dict(zip(manifest['hours'], manifest['hour_counts'])))
-        bar = _progress(n_shards, 'updating event cache shards', progress)
-        for k in range(n_shards):
+        for k in _shard_range(n_shards, 'updating event cache shards', progress):
             new = spill.take(k)
             if len(new['row']):
                 entry = manifest['shards'][k]
@@ -649,10 +648,6 @@ def append(log_path: str, directory: Path, manifest: dict, options: dict, progre
                            compact)
             else:
                 shards.keep(directory, manifest['shards'][k])
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
         rep = manifest['report']
         skipped = dict(rep['skipped'])
         for r, n in info.skipped.items():
@@ -662,13 +657,7 @@ def append(log_path: str, directory: Path, manifest: dict, options: dict, progre
                                   slow_path=rep['slow_path'] or info.slow_path)
         updated['build_seconds'] = manifest.get('build_seconds')
         updated['update_seconds'] = round(time.perf_counter() - t0, 2)
-        _write_manifest(tmp, updated)
-        if not _swap_in(tmp, directory):           # another process updated or rebuilt it first
-            try:
-                return check(directory, log_path, options, None, verify=True)
-            except CacheStale:
-                return build(log_path, directory, options, n_shards, progress)
-        return updated
+        return _land(tmp, directory, updated, log_path, options, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
