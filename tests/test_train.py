@@ -159,22 +159,30 @@ def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_p
     assert version == model_io.read_config(save_dir)["model_version"]
 
 
-def test_export_only_reuses_the_event_cache_and_exports_what_the_csv_gives(trained, demo_log, tmp_path, capsys):
-    """The training run cached the log; --export_only reuses it (no parse) and its vectors equal a --no-cache
-    export bit for bit; evaluate.py's CLI reuses it too."""
-    save_dir, _ = trained
-    vectors = {}
+def export_with_and_without_cache(save_dir, log, tmp_path, capsys) -> tuple[dict, np.ndarray]:
+    """--export_only of `log` from copies of save_dir, with --cache and with --no-cache; asserts the two
+    exports are equal bit for bit. -> ({flag: its stdout}, the exported user ids)."""
+    out, vectors = {}, {}
     for flag in ("--cache", "--no-cache"):
         work = tmp_path / flag
         shutil.copytree(save_dir, work)
         capsys.readouterr()
-        assert train.main(["--export_only", "--data_path", str(demo_log), "--save_dir", str(work), "--no_redis",
+        assert train.main(["--export_only", "--data_path", str(log), "--save_dir", str(work), "--no_redis",
                            "--no-progress", flag]) == 0
-        out = capsys.readouterr().out
-        assert ("event cache: reusing" in out) == (flag == "--cache") and "event cache: building" not in out
+        out[flag] = capsys.readouterr().out
         vectors[flag] = model_io.load_vectors(work)[:2]
     assert np.array_equal(vectors["--cache"][0], vectors["--no-cache"][0])
     assert np.array_equal(vectors["--cache"][1], vectors["--no-cache"][1])
+    return out, vectors["--cache"][0]
+
+
+def test_export_only_reuses_the_event_cache_and_exports_what_the_csv_gives(trained, demo_log, tmp_path, capsys):
+    """The training run cached the log; --export_only reuses it (no parse) and its vectors equal a --no-cache
+    export bit for bit; evaluate.py's CLI reuses it too."""
+    save_dir, _ = trained
+    out, _ = export_with_and_without_cache(save_dir, demo_log, tmp_path, capsys)
+    assert "event cache: reusing" in out["--cache"] and "event cache: reusing" not in out["--no-cache"]
+    assert "event cache: building" not in out["--cache"] + out["--no-cache"]
     assert evaluate.main(["--save_dir", str(save_dir), "--data_path", str(demo_log), "--no-progress"]) == 0
     assert "event cache: reusing" in capsys.readouterr().out
 
@@ -195,20 +203,10 @@ def test_daily_refresh_parses_only_the_new_day_and_exports_what_the_csv_gives(tr
                        "--no-progress"]) == 0                      # builds the cache of yesterday's log
     with open(log, "a") as f:
         f.writelines([line for line in lines[1:] if line.rsplit(",", 1)[1].startswith(last_day)] + extra)
-    vectors = {}
-    for flag in ("--cache", "--no-cache"):
-        work = tmp_path / flag
-        shutil.copytree(save_dir, work)
-        capsys.readouterr()
-        assert train.main(["--export_only", "--data_path", str(log), "--save_dir", str(work), "--no_redis",
-                           "--no-progress", flag]) == 0
-        out = capsys.readouterr().out
-        if flag == "--cache":
-            assert "event cache: updating" in out and "event cache: updated" in out and "building" not in out
-        vectors[flag] = model_io.load_vectors(work)[:2]
-    assert {900000, 900001, 900002} <= set(vectors["--cache"][0].tolist())
-    assert np.array_equal(vectors["--cache"][0], vectors["--no-cache"][0])
-    assert np.array_equal(vectors["--cache"][1], vectors["--no-cache"][1])
+    out, user_ids = export_with_and_without_cache(save_dir, log, tmp_path, capsys)
+    assert "event cache: updating" in out["--cache"] and "event cache: updated" in out["--cache"]
+    assert "building" not in out["--cache"]
+    assert {900000, 900001, 900002} <= set(user_ids.tolist())
 
 
 def test_redis_password_is_in_no_output_and_no_saved_file(demo_log, tmp_path, capsys):
