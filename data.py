@@ -257,8 +257,9 @@ def _parse_tianchi_times(values: pd.Index) -> np.ndarray:
     """Distinct time strings -> hours since 1970 (float, NaN when unparsable)."""
     dt = pd.to_datetime(values, format='%Y-%m-%d %H', errors='coerce')
     bad = dt.isna()
-    if bad.any():            # tolerate 'YYYY-MM-DD HH:MM[:SS]' (floored to the hour)
-        dt = dt.where(~bad, pd.to_datetime(values, format='ISO8601', errors='coerce'))
+    if bad.any():            # tolerate 'YYYY-MM-DD HH:MM[:SS]' (floored to the hour), nothing shorter: a cut
+        full = values.str.fullmatch(r'\d{4}-\d{2}-\d{2}[ T]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?')   # '2014-1' is no day
+        dt = dt.where(~bad, pd.to_datetime(values.where(full), format='ISO8601', errors='coerce'))
     out = dt.values.astype('datetime64[h]').astype(np.int64).astype(np.float64)
     out[dt.isna()] = np.nan
     return out

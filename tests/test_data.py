@@ -258,6 +258,19 @@ def test_times_far_from_the_rest_of_the_log_are_counted_as_implausible(tmp_path)
     assert rep.skipped == {'time implausible': 1}
 
 
+def test_a_cut_time_is_unparsable_not_a_guessed_day(tmp_path):
+    # a last line cut mid-time ('2014-1', '2014-12-1') must not read as 2014-01-01 or 2014-12-01 00h;
+    # longer ISO forms still floor to the hour
+    rows = ['1,10,1,,5,2014-12-06 02', '1,11,1,,5,2014-12-06 03:45', '2,12,1,,5,2014-12-06T04:10:59',
+            '2,13,1,,5,2014-1', '3,14,1,,5,2014-12-1']
+    p = write(tmp_path / 'cut.csv', HEADER + '\n'.join(rows))           # no final newline, like a cut copy
+    ev, rep = data.read_events(p, progress=False)
+    assert rep.skipped == {'unparsable time': 2} and rep.rows_kept == 3
+    assert ev['hour'].tolist() == [hour_of('2014-12-06T02'), hour_of('2014-12-06T03'), hour_of('2014-12-06T04')]
+    with pytest.raises(DataError, match=r"cut\.csv: line 5: unparsable time \(time='2014-1'\)"):
+        data.read_events(p, strict=True, progress=False)
+
+
 def test_line_numbers_account_for_skipped_lines(tmp_path):
     # lines the parser drops itself (too many fields) must not shift later rows' line numbers
     lines = ['1,2,3,pv,1511544070'] * 3 + ['1,2,3,pv,1511544070,9'] * 2 + ['1,2,3,pv,1511544070', '1,2,3,nope,1']
