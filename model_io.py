@@ -45,6 +45,10 @@ class ModelSetError(RuntimeError):
     """A save folder whose files do not form one model (or cannot be written, or is in use)."""
 
 
+class ModelMissing(ModelSetError, FileNotFoundError):
+    """A save folder without the file asked for (no model trained there yet, or no vectors exported)."""
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -112,7 +116,7 @@ def check_model_set(save_dir: str | os.PathLike, config: dict[str, Any]) -> None
 def read_config(save_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(save_dir) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train a model first (python train.py --save_dir {save_dir})")
+        raise ModelMissing(f"{path} not found: train a model first (python train.py --save_dir {save_dir})")
     return json.loads(path.read_text())
 
 
@@ -151,7 +155,7 @@ def load_vectors(save_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, s
     """Return (user_ids, vectors, model_version) written by save_vectors."""
     path = Path(save_dir) / VECTORS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run python train.py (or --export_only) first")
+        raise ModelMissing(f"{path} not found: run python train.py (or --export_only) first")
     with np.load(path) as z:
         return z["user_ids"], z["vectors"], str(z["model_version"])
 

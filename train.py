@@ -145,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except (data.DataError, model_io.ModelSetError) as e:  # bad input, explained in one line: a traceback would
         raise SystemExit(f"error: {e}") from None           # only bury it (bugs keep theirs)
+    except KeyboardInterrupt:                               # Ctrl-C: say what is on disk, exit 130 like a shell
+        ckpt = Path(cfg.save_dir) / model_io.CHECKPOINT_FILE
+        resume = (f"; {ckpt} holds the last finished epoch: the same command with --resume continues from it"
+                  if ckpt.exists() and not (cfg.export_only or cfg.republish) else "")
+        print(f"interrupted: every file already written is whole (each is replaced in one step); a Redis publish "
+              f"that did not finish is completed by --republish{resume}", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if lock is not None:
             lock.close()

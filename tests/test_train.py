@@ -310,6 +310,33 @@ def test_unwritable_save_dir_and_wrong_redis_password_fail_before_reading_the_lo
         server.stop()
 
 
+def test_missing_model_and_ctrl_c_are_one_clear_line(demo_log, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    for flags in (["--export_only"], ["--republish", "--redis_url", "redis://127.0.0.1:1/0"]):
+        with pytest.raises(SystemExit, match=r"empty/(config\.json|user_vectors\.npz) not found") as e:
+            train.main(["--data_path", str(demo_log), "--save_dir", str(empty), "--no_redis", *flags, *TINY])
+        assert e.value.code.startswith("error: ")          # one error line, no traceback
+    real, calls = train.train_epoch, []
+
+    def interrupted_in_epoch_2(*a, **k):                    # Ctrl-C while epoch 2 trains
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    save = tmp_path / "s"
+    args = ["--data_path", str(demo_log), "--save_dir", str(save), "--no_redis", *TINY, "--epochs", "2"]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "checkpoint.pt holds the last finished epoch" in err and "--resume" in err
+    assert not (save / model_io.CONFIG_FILE).exists()      # no model set from a run that did not finish
+    monkeypatch.setattr(train, "train_epoch", real)
+    assert train.main([*args, "--resume"]) == 0            # the hint works: the run finishes from epoch 1
+    assert model_io.load_model(save)
+
+
 def test_non_finite_loss_stops_with_clear_message(demo_log, tmp_path, monkeypatch):
     real = train.batch_loss
 
