@@ -121,11 +121,15 @@ CHECKS = {
     **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl"), ">= 0"),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
-# Settings that define the model and data: a checkpoint only resumes when they are unchanged.
+# Every constant is in exactly one of these two lists (_constants() checks): the settings that define the model
+# and data, which a checkpoint only resumes with unchanged, and those a resumed or repeated run may change.
 RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
                "heads", "head_dim", "dropout", "pooling", "skip_pool", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
+RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
+            "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
+            "no_redis", "progress")
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
@@ -266,16 +270,20 @@ def preflight(cfg, ctx: distributed.Context = distributed.Context()):
 
 def _constants() -> dict[str, tuple[Any, str]]:
     """The upper-case constants above with their one-line comments (the flags' help). A constant without a
-    comment, a numeric one without a CHECKS entry, or a CHECKS entry naming no constant is a bug in this file,
-    caught here rather than left as a flag that silently is not one or is not checked."""
+    comment, a numeric one without a CHECKS entry, one in neither or both of RESUME_KEYS and RUN_ONLY, or a
+    table entry naming no constant is a bug in this file, caught here rather than left as a flag that silently
+    is not one, is not checked, or resumes under a changed setting."""
     src = Path(__file__).read_text().split(_RULE)[1]  # the block between the first two rules
     names = re.findall(r"^([A-Z][A-Z0-9_]*) = ", src, re.M)
-    comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.*)$", src, re.M))
+    comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#[ \t]*(.*)$", src, re.M))
     flags = {n.lower() for n in names}
-    problems = [f"{n} has no comment (its flag's help)" for n in names if n not in comments]
+    problems = [f"{n} has no comment (its flag's help)" for n in names if not comments.get(n, "").strip()]
     problems += [f"{n} has no entry in CHECKS" for n in names
                  if type(globals()[n]) in (int, float) and n.lower() not in CHECKS]
     problems += [f"CHECKS names {k!r}, which is no constant" for k in CHECKS if k not in flags]
+    problems += [f"{n} is in neither RESUME_KEYS nor RUN_ONLY (may a resumed run change it?)" for n in names
+                 if (n.lower() in RESUME_KEYS) == (n.lower() in RUN_ONLY)]
+    problems += [f"{k!r} in RESUME_KEYS or RUN_ONLY is no constant" for k in RESUME_KEYS + RUN_ONLY if k not in flags]
     if problems:
         raise RuntimeError("train.py's constants: " + "; ".join(problems))
     return {name: (globals()[name], comments[name]) for name in names}

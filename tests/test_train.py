@@ -478,7 +478,9 @@ def test_readme_documents_every_flag():
 
 @pytest.mark.parametrize("line, message", [
     ("NEW_FLAG = 5\n", "NEW_FLAG has no comment"),
+    ("NEW_FLAG = 5  #  \n", "NEW_FLAG has no comment"),
     ("NEW_FLAG = 5  # a number nobody checks\n", "NEW_FLAG has no entry in CHECKS"),
+    ("NEW_FLAG = True  # a switch nobody placed\n", "NEW_FLAG is in neither RESUME_KEYS nor RUN_ONLY"),
 ])
 def test_a_constant_without_help_or_check_is_an_error_not_a_silent_flag(tmp_path, line, message):
     src = (ROOT / "train.py").read_text().replace("PROGRESS = True", line + "PROGRESS = True", 1)
