@@ -427,8 +427,6 @@ class MoE(nn.Module):
     epoch; both are the router's (balancing updates and statistics).
     """
 
-    balance_stats = staticmethod(balance_stats)
-
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -472,7 +470,7 @@ class MoE(nn.Module):
                 state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, return_stats: bool = False):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Route every real token through its top-k experts and the shared experts.
 
         Dimension letters: b batch, n sequence positions, d width, t = b*n tokens, k routed experts per
@@ -482,12 +480,10 @@ class MoE(nn.Module):
             x: (b, n, d) token vectors.
             mask: (b, n) bool, True = real token; None = all real. Padded tokens are not routed, not
                 counted, and come out as their input (zero from the feature embedding).
-            return_stats: also return MoEStats (device tensors, no host sync).
         Returns:
-            y (b, n, d), or (y, MoEStats) if return_stats.
+            y (b, n, d). forward_parts also returns the routing counts (MoEStats).
         """
-        ys, stats = self.forward_parts([(x, mask)])
-        return (ys[0], stats) if return_stats else ys[0]
+        return self.forward_parts([(x, mask)])[0][0]
 
     def forward_parts(self, parts: list) -> tuple[list, MoEStats]:
         """forward() of several inputs [(x (b_i, n_i, d), mask (b_i, n_i) or None), ...] in ONE dispatch.
@@ -581,7 +577,7 @@ if __name__ == '__main__':
     moe = MoE(cfg)
     x = torch.randn(4, 200, cfg.dim)
     mask = torch.arange(200).expand(4, 200) < torch.tensor([[200], [150], [37], [1]])
-    y, stats = moe(x, mask, return_stats=True)
+    (y,), stats = moe.forward_parts([(x, mask)])
     y.sum().backward()
     print(f"config: {cfg}")
     print(f"x {tuple(x.shape)} -> y {tuple(y.shape)}; counts {tuple(stats.counts.shape)} "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import report
-from DeepSeekMoE import MoE, MoEConfig, MoEStats, Router
+from DeepSeekMoE import MoE, MoEConfig, MoEStats, Router, balance_stats
 from moe_reference import forward_reference
 
 STATE_KEYS = {'w_in', 'w_out', 'router.gate.weight', 'router.penalty', 'router.penalty_step', 'router.penalty_sign',
@@ -23,6 +23,12 @@ def tiny(**kw) -> MoEConfig:
     return MoEConfig(**base)
 
 
+def routed(moe: MoE, x, mask=None):
+    """(y, MoEStats) of one input, through forward_parts as the model calls it."""
+    ys, stats = moe.forward_parts([(x, mask)])
+    return ys[0], stats
+
+
 def right_padded_mask(lengths, length):
     return torch.arange(length) < torch.as_tensor(lengths)[:, None]
 
@@ -36,7 +42,7 @@ def default_moe():
 def test_default_config_shapes(default_moe):
     x = torch.randn(2, 12, 128)
     mask = right_padded_mask([12, 5], 12)
-    y, stats = default_moe(x, mask, return_stats=True)
+    y, stats = routed(default_moe, x, mask)
     assert y.shape == x.shape
     assert isinstance(stats, MoEStats)
     assert stats.counts.shape == (100,) and stats.counts.dtype == torch.int64
@@ -86,7 +92,7 @@ def test_forward_parts_matches_the_calls_one_by_one_and_the_reference(dim):
     moe.router.step_counts.zero_()
     refs, ref_counts = [], 0
     for x, m in ((xa, ma), (xb, None), (xc, right_padded_mask([1], 3))):
-        y, st = moe(x, m, return_stats=True)
+        y, st = routed(moe, x, m)
         refs.append(y)
         ref_counts = ref_counts + st.counts
     assert torch.equal(stats.counts, ref_counts) and torch.equal(counts, ref_counts)
@@ -124,7 +130,7 @@ def test_topk_respects_k_and_weights_sum_to_one():
         assert indices.shape == (40, k) and weights.shape == (40, k)
         assert all(len(set(row)) == k for row in indices.tolist())      # k distinct experts per token
         torch.testing.assert_close(weights.sum(-1), torch.ones(40))
-        _, stats = moe(xn.view(4, 10, 16), return_stats=True)
+        _, stats = routed(moe, xn.view(4, 10, 16))
         assert int(stats.counts.sum()) == 40 * k
 
 
@@ -133,14 +139,14 @@ def test_padded_tokens_never_counted_and_pass_through():
     moe = MoE(tiny()).train()
     mask = right_padded_mask([8, 3, 0], 8)
     x = torch.randn(3, 8, 16)
-    y, stats = moe(x, mask, return_stats=True)
-    _, ref = moe(x[mask].view(1, -1, 16), return_stats=True)             # the real tokens alone
+    y, stats = routed(moe, x, mask)
+    _, ref = routed(moe, x[mask].view(1, -1, 16))             # the real tokens alone
     assert torch.equal(stats.counts, ref.counts)
     assert int(stats.tokens) == 11 and int(stats.counts.sum()) == 2 * 11
     torch.testing.assert_close(y[~mask], x[~mask])                        # residual passthrough at pads
     x2 = x.clone()
     x2[~mask] = 1e6 * torch.randn_like(x2[~mask])                         # garbage at padded positions
-    y2, stats2 = moe(x2, mask, return_stats=True)
+    y2, stats2 = routed(moe, x2, mask)
     assert torch.equal(stats2.counts, stats.counts)
     torch.testing.assert_close(y2[mask], y[mask])
     assert int(moe.router.epoch_counts.sum()) == 3 * 2 * 11               # three training calls, pads excluded
@@ -150,7 +156,7 @@ def test_all_padding_batch_and_finite_gradients():
     torch.manual_seed(5)
     moe = MoE(tiny(dim=13))
     x = torch.randn(2, 5, 13, requires_grad=True)
-    y, stats = moe(x, torch.zeros(2, 5, dtype=torch.bool), return_stats=True)
+    y, stats = routed(moe, x, torch.zeros(2, 5, dtype=torch.bool))
     y.sum().backward()
     assert int(stats.counts.sum()) == 0 and int(stats.tokens) == 0
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in moe.parameters())
@@ -219,12 +225,12 @@ def test_end_epoch_resets_and_reports():
 
 
 def test_balance_stats_on_known_counts():
-    s = MoE.balance_stats(torch.tensor([4, 0, 2, 2]))
+    s = balance_stats(torch.tensor([4, 0, 2, 2]))
     assert s['activations'] == 8 and s['dead'] == 1
     assert s['load'] == [2.0, 0.0, 1.0, 1.0]
     assert s['max_violation'] == pytest.approx(1.0)
     assert s['cv'] == pytest.approx((2 ** 0.5) / 2)
-    assert MoE.balance_stats([5, 5, 5, 5])['entropy'] == pytest.approx(1.0)
+    assert balance_stats([5, 5, 5, 5])['entropy'] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize('balance', ['running', 'seed', 'bias'])
@@ -234,8 +240,8 @@ def test_eval_deterministic_and_state_dict_round_trip(balance):
     run_epochs(moe, batches, 2)                                # non-trivial penalty / bias
     moe.eval()
     x, mask = batches[1], right_padded_mask([32, 20, 7, 1], 32)
-    y1, s1 = moe(x, mask, return_stats=True)
-    y2, s2 = moe(x, mask, return_stats=True)
+    y1, s1 = routed(moe, x, mask)
+    y2, s2 = routed(moe, x, mask)
     assert torch.equal(y1, y2) and torch.equal(s1.counts, s2.counts)
     state = moe.state_dict()
     assert set(state) == STATE_KEYS                            # transient counters are not saved
@@ -245,7 +251,7 @@ def test_eval_deterministic_and_state_dict_round_trip(balance):
     fresh = MoE(moe.cfg)
     fresh.load_state_dict(torch.load(buf))
     fresh.eval()
-    y3, s3 = fresh(x, mask, return_stats=True)
+    y3, s3 = routed(fresh, x, mask)
     assert torch.equal(y1, y3) and torch.equal(s1.counts, s3.counts)
     for key in ('router.penalty', 'router.usage', 'router.bias'):
         assert torch.equal(fresh.state_dict()[key], state[key]), key
@@ -337,8 +343,8 @@ def test_step_max_violation_is_the_steps_global_counts():
     moe.train()
     expected = []
     for x in batches[:3]:
-        _, stats = moe(x, return_stats=True)
-        expected.append(MoE.balance_stats(stats.counts)['max_violation'])
+        _, stats = routed(moe, x)
+        expected.append(balance_stats(stats.counts)['max_violation'])
         moe.after_step()
     assert moe.end_epoch()['step_max_violation'] == pytest.approx(expected, rel=1e-5)
 
@@ -349,7 +355,7 @@ def test_seed_updates_only_at_end_epoch_with_the_epoch_rule():
     counts = torch.zeros(8, dtype=torch.long)
     for x in batches:
         with torch.no_grad():
-            _, stats = moe(x, return_stats=True)
+            _, stats = routed(moe, x)
         counts += stats.counts
         moe.after_step()
         assert torch.equal(moe.router.penalty, torch.ones(8))  # after_step leaves the seed penalty alone
@@ -376,7 +382,7 @@ def test_pre_router_state_dict_loads_strictly_and_reproduces_its_output(case):
     for layer in (moe, nested['moe_layer']):
         layer.eval()
         with torch.no_grad():
-            y, stats = layer(saved['x'], saved['mask'], return_stats=True)
+            y, stats = routed(layer, saved['x'], saved['mask'])
         # routing (counts) must match exactly; the output to rounding, which another CPU's kernels may change
         assert torch.equal(stats.counts, saved['counts'])
         torch.testing.assert_close(y, saved['y'], atol=1e-6, rtol=1e-6)
@@ -420,7 +426,7 @@ def test_layer_delegates_balancing_to_its_router():
     assert moe.router.process_group == 'group' == moe.process_group
     moe.process_group = None
     moe.train()
-    _, stats = moe(torch.randn(2, 5, 16), return_stats=True)
+    _, stats = routed(moe, torch.randn(2, 5, 16))
     assert torch.equal(moe.router.step_counts, stats.counts)
     moe.after_step()
     assert int(moe.router.step_counts.sum()) == 0 and not torch.equal(moe.router.penalty, torch.ones(6))
