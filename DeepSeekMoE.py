@@ -34,7 +34,7 @@ Padded positions are neither routed nor counted; their output is the input (zero
 `MoE.forward_parts` sends several inputs (the training step's long and short sequences) through one
 dispatch, so each expert's matmuls get the rows of all of them.
 On the CPU torch._grouped_mm runs one small mm per group. One torch.bmm over the routed pairs scattered
-into a zero-padded (experts, largest group, d) buffer was measured as the alternative (issue 15) and lost:
+into a zero-padded (experts, largest group, d) buffer was measured as the alternative and lost:
 0.42-0.70x the speed on the groups of real training steps (the largest group is 2-4x the mean, and bmm
 beats the grouped call by only 1.16x at ~100 rows per expert even without padding).
 """

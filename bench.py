@@ -2,7 +2,7 @@
 against a reference measured side by side in the same run (the machine is shared and noisy).
 
     python bench.py                      # every section at a size that runs in a few minutes on 2 cores
-    python bench.py --full               # the issue's sizes (12M-row log, 200k Redis vectors, batch 256, ...)
+    python bench.py --full               # full sizes (12M-row log, 200k Redis vectors, batch 256, ...)
     python bench.py --only train,inference --json bench.json
     python bench.py --list               # section names
 
@@ -859,7 +859,7 @@ def bench_inference(args) -> None:
 # ----------------------------------------------------------------------------------------------
 # redis: publishing vectors to a local bundled server against a raw-socket SET ceiling
 
-CEILING_DEPTH = 16  # pipeline depth of the ceiling (issue 6: redis-benchmark -P 16)
+CEILING_DEPTH = 16  # pipeline depth of the ceiling (redis-benchmark -P 16)
 
 
 def _raw_set_rate(host: str, port: int, keys: list, values: list, depth: int) -> float:
@@ -1520,7 +1520,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--repeat', type=int, default=1, help='runs per timed task; the fastest is kept')
     p.add_argument('--data_file', default='', help='Tianchi-format CSV for the data section '
                    '(default /tmp/bench_data/tianchi_<rows>M.csv, generated when missing)')
-    p.add_argument('--full', action='store_true', help="the issue's sizes (12M rows, 200k vectors, batch 256, "
+    p.add_argument('--full', action='store_true', help="full sizes (12M rows, 200k vectors, batch 256, "
                    'widths 128 and 211, more repeats): tens of minutes on 2 cores')
     p.add_argument('--json', default='', help='also write every section\'s numbers and the goals to this file')
     p.add_argument('--rows', type=int, default=0, help='rows of the generated data file (default 1M, 12M with --full)')

@@ -69,6 +69,7 @@ VALID_TIME = (np.datetime64('2000-01-01', 'h').astype(np.int64), np.datetime64('
 # year, a device clock decades off): they would move the evaluation's target day and squash the time
 # features, so they are skipped and counted as 'time implausible'. The real logs span 9 (UserBehavior) and
 # 31 (Tianchi) days; 0 turns the window off.
+DATA_PATH = 'DATA/train_user'   # where train.py and evaluate.py look for the log by default
 TIME_WINDOW_DAYS = 365
 CHUNK_ROWS = 1 << 21                # rows per parser chunk: bounds memory and drives the progress bar
 
@@ -1181,7 +1182,7 @@ def build_sequences(events: pd.DataFrame, vocab: Vocab) -> Sequences:
 
 if __name__ == '__main__':
     # smoke run: python data.py DATA/train_user
-    ev, rep = read_events(sys.argv[1] if len(sys.argv) > 1 else 'DATA/train_user')
+    ev, rep = read_events(sys.argv[1] if len(sys.argv) > 1 else DATA_PATH)
     print(rep.summary())
     vo = Vocab.fit(ev)
     print(vo.summary())

@@ -37,6 +37,7 @@ from atomic_files import atomic_write
 from data import TIANCHI_COLUMNS
 
 START_DATE = '2014-11-18'
+USERS = 1500  # users of the demo log (train.py's DEMO_USERS: the log `bash run.sh` trains on)
 BEHAVIOR_SHARES = (0.942, 0.020, 0.028, 0.010)  # view, fav, cart, buy (full Tianchi file)
 # relative activity per hour of day, 0..23 (shape of the real Tianchi daily curve)
 HOUR_WEIGHTS = np.array([40, 22, 12, 8, 6, 7, 13, 24, 34, 40, 46, 45,
@@ -165,7 +166,7 @@ def _time_strings(n_days: int) -> list[str]:
     return [str(h).replace('T', ' ') for h in hours]
 
 
-def generate(n_users: int = 1500, n_days: int = 31, seed: int = 0, mean_events: float = 150,
+def generate(n_users: int = USERS, n_days: int = 31, seed: int = 0, mean_events: float = 150,
              n_items: int | None = None, n_categories: int | None = None,
              dup_rate: float = 0.15) -> pd.DataFrame:
     """Generate a demo log as a DataFrame with the Tianchi columns and string formats.
@@ -228,7 +229,7 @@ def _format_rows(sim: dict, lo: int, hi: int, time_table: np.ndarray) -> bytes:
     return mat[keep].tobytes()
 
 
-def write_log(path: str, n_users: int = 1500, n_days: int = 31, seed: int = 0,
+def write_log(path: str, n_users: int = USERS, n_days: int = 31, seed: int = 0,
               mean_events: float = 150, n_items: int | None = None, n_categories: int | None = None,
               dup_rate: float = 0.15) -> int:
     """Write a demo log as Tianchi CSV at `path` (gzip when it ends in .gz); returns the row count.
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description='Write a demo Tianchi-format behaviour log.')
     p.add_argument('--out', default='DATA/train_user/tianchi_mobile_recommend_train_user.csv',
                    help='output CSV path (.csv or .csv.gz); folders are created')
-    p.add_argument('--users', type=int, default=1500, help='number of users')
+    p.add_argument('--users', type=int, default=USERS, help='number of users')
     p.add_argument('--days', type=int, default=31, help='days covered, from 2014-11-18')
     p.add_argument('--seed', type=int, default=0, help='random seed (same seed, same file)')
     p.add_argument('--mean_events', type=float, default=150, help='average events per user (heavy-tailed)')

@@ -36,8 +36,7 @@ Baselines, scored on the same users, candidates and metrics:
   the short part's (item and category means, each L2-normalised, concatenated);
 - random_init: the same architecture, freshly initialised with a fixed seed, scored exactly like the model.
 
-    metrics = evaluate(model, seqs, target_events, vocab, groups={'heldout': idx}, n_min=100, n_max=200,
-                       k_min=10, k_max=20)
+    metrics = evaluate(model, seqs, target_events, vocab, groups={'heldout': idx})
     print(format_table(metrics))
 
 CLI, with a saved model (evaluates the log's last day):
@@ -457,7 +456,7 @@ def probe_category(context: dict, model, seqs: data.Sequences, train: np.ndarray
 
 def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, vocab: data.Vocab,
              groups: dict[str, np.ndarray], *, n_min: int = data.N_MIN, n_max: int = data.N_MAX,
-             k_min: int = data.K_MIN, k_max: int = data.K_MAX, device='cpu', batch_size: int = 512,
+             k_min: int = data.K_MIN, k_max: int = data.K_MAX, device='cpu', batch_size: int = inference.BATCH_SIZE,
              seed: int = 0, ks=KS, progress: bool = False, max_items: int = MAX_ITEMS,
              max_reid_users: int = MAX_REID_USERS) -> dict:
     """Every task for every group, ours beside each baseline.
@@ -599,20 +598,20 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import model_io
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--save_dir', default='saved_models', help='folder of the saved model (default: saved_models)')
-    p.add_argument('--data_path', default='DATA/train_user', help='the log, or the folder holding it')
+    p.add_argument('--save_dir', default=model_io.SAVE_DIR, help=f'folder of the saved model (default: {model_io.SAVE_DIR})')
+    p.add_argument('--data_path', default=data.DATA_PATH, help=f'the log, or the folder holding it (default: {data.DATA_PATH})')
     p.add_argument('--data_format', default='auto', choices=data.FORMATS)
     p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
-    p.add_argument('--batch_size', type=int, default=512)
-    p.add_argument('--seed', type=int, default=1337, help="as train.py's SEED: same random-weights baseline and tie order")
+    p.add_argument('--batch_size', type=int, default=inference.BATCH_SIZE)
+    p.add_argument('--seed', type=int, default=runtime.SEED, help="as train.py's SEED: same random-weights baseline and tie order")
     p.add_argument('--max_items', type=int, default=MAX_ITEMS)
     p.add_argument('--json', default='', help='also write the metrics to this JSON file')
     p.add_argument('--progress', default=True, action=argparse.BooleanOptionalAction)
     p.add_argument('--cache', default=True, action=argparse.BooleanOptionalAction,
                    help="reuse (or build) the log's event cache, as train.py's --cache (default: on)")
     args = p.parse_args(argv)
-    import model_io
     runtime.tune_malloc()
     device = runtime.pick_device(args.device)
     try:  # bad input is one line, as in train.py; bugs keep their traceback

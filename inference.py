@@ -33,9 +33,12 @@ def autocast(device: torch.device, precision: str = "auto"):
     return contextlib.nullcontext()
 
 
+BATCH_SIZE = 512  # users per inference batch (train.py --export_batch_size, evaluate.py --batch_size)
+
+
 @torch.inference_mode()
 def compute_user_vectors(model, seqs: Sequences, users: np.ndarray | None = None, *, part: str = "all",
-                         tower: str = "long", min_len: int, max_len: int, batch_size: int = 512,
+                         tower: str = "long", min_len: int, max_len: int, batch_size: int = BATCH_SIZE,
                          device: torch.device = torch.device("cpu"), progress: bool = True,
                          desc: str = "export") -> np.ndarray:
     """Vectors (len(users), hidden_dim) float32 of the given users (default: all), in batches.

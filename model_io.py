@@ -37,6 +37,7 @@ MODULE_NAMES = ("feature_embedding", "moe_layer", "long_term", "short_term")
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
+SAVE_DIR = "saved_models"  # the default model folder of train.py, evaluate.py and load_model
 VECTORS_FILE = "user_vectors.npz"
 LOCK_FILE = ".lock"
 
@@ -127,7 +128,7 @@ def build_model(config: dict[str, Any]) -> LongTermInterestModel:
     return LongTermInterestModel(ModelConfig(**{**old, **config["model"]}), MoEConfig(**config["moe"]))
 
 
-def load_model(save_dir: str | os.PathLike = "saved_models", device: str | torch.device = "cpu"
+def load_model(save_dir: str | os.PathLike = SAVE_DIR, device: str | torch.device = "cpu"
                ) -> tuple[LongTermInterestModel, Vocab, dict[str, Any]]:
     """Rebuild the model from saved_models/ and load the four .pth files; returns (model in eval mode, vocab, config).
     Raises ModelSetError when the files are not the set config.json describes."""

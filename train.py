@@ -49,13 +49,13 @@ from LongTermInterestModel import LongTermInterestModel, ModelConfig, batch_loss
 
 # -----------------------------------------------------------------------------
 # I/O
-DATA_PATH = "DATA/train_user"  # folder holding the log, or the .csv / .csv.gz itself
+DATA_PATH = data.DATA_PATH  # folder holding the log, or the .csv / .csv.gz itself
 DATA_FORMAT = "auto"  # auto | tianchi | userbehavior (auto reads the first line)
-SAVE_DIR = "saved_models"  # weights, config.json, vocab.npz, checkpoint.pt, user_vectors.npz
+SAVE_DIR = model_io.SAVE_DIR  # weights, config.json, vocab.npz, checkpoint.pt, user_vectors.npz
 RESUME = False  # continue an interrupted run from SAVE_DIR/checkpoint.pt
 EXPORT_ONLY = False  # no training: vectors for DATA_PATH's log from the saved model, then publish
 REPUBLISH = False  # no training, no data: publish SAVE_DIR/user_vectors.npz again
-DEMO_USERS = 1500  # users in the demo log generated when the default DATA_PATH holds no log
+DEMO_USERS = demo_data.USERS  # users in the demo log generated when the default DATA_PATH holds no log
 # data
 STRICT = False  # stop at the first malformed row instead of skipping and counting it
 DEDUPE = False  # drop exact duplicate rows (kept by default: hour-precision logs repeat real clicks)
@@ -95,11 +95,11 @@ LR_SCHEDULE = "cosine"  # cosine (linear warm-up over the first 1/20 of the step
 LOSS = "allaction"  # allaction (infonce + the long vector scores the future's items and categories) | infonce (in-batch negatives) | bpr (seed)
 TAU = 0.1  # temperature on cosine similarities; 1.0 with --loss bpr reproduces the seed
 RANDOM_CUTS = True  # a new random history/future cut of every user each epoch; off = the seed's fixed 90/10 split
-SEED = 1337  # seeds data split, initialisation, dropout and negatives
+SEED = runtime.SEED  # seeds data split, initialisation, dropout and negatives
 DEVICE = "auto"  # auto | cpu | cuda | cuda:N (auto takes CUDA when present)
 PRECISION = "auto"  # training matmuls: auto (bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; fp32 elsewhere) | fp32 | bf16
 # export and Redis
-EXPORT_BATCH_SIZE = 512  # users per inference batch when computing vectors
+EXPORT_BATCH_SIZE = inference.BATCH_SIZE  # users per inference batch when computing vectors
 REDIS_URL = ""  # redis://[:password@]host:port/db, rediss://, redis+cluster://host:port (any node); empty = localhost:6379, started if needed
 REDIS_PREFIX = ""  # key prefix; empty keeps the seed's layout (key = raw user id)
 REDIS_FORMAT = "json"  # json (json.loads(r.get(uid))) | f32 (np.frombuffer(r.get(uid), '<f4'), 4x smaller)
