@@ -661,6 +661,10 @@ def _train_setup(batch_size: int, width: int, n_len: int, device: str, precision
     return cfg, seqs, model, opts, dev, np.asarray(seqs.trainable)
 
 
+WARM_STEPS_MAX = 40     # training-step warm-up: at most this many steps ...
+WARM_FAULTS = 2000      # ... until one faults in fewer pages than this (8 MB: the process stopped growing)
+
+
 @task('model')
 def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users: int = 0,
                 device: str = 'cpu', profile: bool = False, precision: str = 'auto', other: str = '') -> dict:
@@ -714,8 +718,17 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
         return time.perf_counter() - t0
 
     model.train()
-    for _ in range(2):                        # warm-up: allocator, thread pool, kernels, optimiser state
-        step(rng.choice(users, size=batch_size, replace=False))
+    # warm-up: allocator, thread pool, kernels, optimiser state, and oneDNN's primitive cache, which gains
+    # entries (and the process pages) for every new expert row count: until a step faults in fewer than
+    # WARM_FAULTS pages, steps run up to 2x slower than the ones a 5-epoch run spends most of its time in
+    warm = {}
+    for precision in [None] + ([other] if other else []):
+        for n in range(1, WARM_STEPS_MAX + 1):
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            step(rng.choice(users, size=batch_size, replace=False), precision)
+            if n >= 2 and resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < WARM_FAULTS:
+                break
+        warm[precision or main_precision] = n
     if len(infer_set):
         export_seconds()
     rec = {'fwd_bwd_s': [], 'opt_s': [], 'step_s': [], 'flops': [], 'peak_gflops': [], 'export_s': []}
@@ -749,7 +762,7 @@ def _task_model(batch_size: int, width: int, n_len: int, steps: int, infer_users
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step(rng.choice(users, size=batch_size, replace=False))
         rec['profile'] = prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)
-    rec.update(batch_size=batch_size, width=width, n_len=n_len, malloc_tuned=tuned,
+    rec.update(batch_size=batch_size, width=width, n_len=n_len, malloc_tuned=tuned, warm_up_steps=warm,
                threads=torch.get_num_threads(), precision=main_precision)
     if alt is not None:
         rec['other'] = {**alt, 'batch_size': batch_size, 'precision': other}
@@ -812,7 +825,8 @@ def bench_train(args) -> None:
               f'against the {o["precision"]} GEMM peak {mo["peak_gflops"]:.0f} GFLOP/s')
     print(f'\n  each of the {len(m["mfu_each"])} repeats is a training step followed by a GEMM-peak measurement '
           f'(interleaved): MFU {spread(m["mfu_each"])}, peak {spread(m["peak_each"], "{:.0f}")} GFLOP/s, '
-          f'{spread(m["tps_each"], "{:.1f}")} triplets/s\n  {watch.describe()}')
+          f'{spread(m["tps_each"], "{:.1f}")} triplets/s\n  after warm-up steps {r.get("warm_up_steps")} (until a step '
+          f'faults in < {WARM_FAULTS} pages)\n  {watch.describe()}')
     if r.get('profile'):
         print('\nprofile of one training step (self CPU time):\n' + r['profile'])
     add_goal('train', 'training MFU, optimiser included' + ('' if watch.quiet else ' (UNDER LOAD)'),
