@@ -137,6 +137,9 @@ def resolve_log_path(data_path: str) -> str:
     data_path = os.fspath(data_path)
     if os.path.isfile(data_path):
         return data_path
+    if os.path.exists(data_path) and not os.path.isdir(data_path):   # a pipe, socket or device: the log is read
+        raise DataError(f'{data_path}: not a regular file (a pipe or device cannot be read twice: the format is '
+                        f'sniffed first, and the cache fingerprints the file); write the log to a file first')
     if not os.path.isdir(data_path):
         raise DataError(f'{data_path}: no such file or folder (expected a behaviour log CSV or a folder holding one)')
     found = sorted(f for f in os.listdir(data_path)

@@ -271,6 +271,15 @@ def test_a_cut_time_is_unparsable_not_a_guessed_day(tmp_path):
         data.read_events(p, strict=True, progress=False)
 
 
+def test_a_pipe_is_named_as_not_a_regular_file(tmp_path):
+    fifo = tmp_path / 'log.fifo'
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r'log\.fifo: not a regular file'):
+        data.read_events(fifo, progress=False)
+    with pytest.raises(DataError, match=r'nope\.csv: no such file or folder'):
+        data.read_events(tmp_path / 'nope.csv', progress=False)
+
+
 def test_line_numbers_account_for_skipped_lines(tmp_path):
     # lines the parser drops itself (too many fields) must not shift later rows' line numbers
     lines = ['1,2,3,pv,1511544070'] * 3 + ['1,2,3,pv,1511544070,9'] * 2 + ['1,2,3,pv,1511544070', '1,2,3,nope,1']
