@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     runtime.tune_malloc()
     ctx, device = distributed.init(cfg.device)
-    lock, finished = None, False
+    lock, finished, started = None, False, time.time()
     try:
         lock = preflight(cfg, ctx)
         status = run(cfg, ctx, device)
@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from None           # only bury it (bugs keep theirs)
     except KeyboardInterrupt:                               # Ctrl-C: say what is on disk, exit 130 like a shell
         ckpt = Path(cfg.save_dir) / model_io.CHECKPOINT_FILE
+        ours = ckpt.exists() and (cfg.resume or ckpt.stat().st_mtime >= started)   # not an earlier run's
         resume = (f"; {ckpt} holds the last finished epoch: the same command with --resume continues from it"
-                  if ckpt.exists() and not (cfg.export_only or cfg.republish) else "")
+                  if ours and not (cfg.export_only or cfg.republish) else "")
         print(f"interrupted: every file already written is whole (each is replaced in one step); a Redis publish "
               f"that did not finish is completed by --republish{resume}", file=sys.stderr)
         raise SystemExit(130) from None

@@ -335,6 +335,12 @@ def test_missing_model_and_ctrl_c_are_one_clear_line(demo_log, tmp_path, monkeyp
     monkeypatch.setattr(train, "train_epoch", real)
     assert train.main([*args, "--resume"]) == 0            # the hint works: the run finishes from epoch 1
     assert model_io.load_model(save)
+    calls[:] = [1]                                         # the next call is interrupted: its epoch 1
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit):                        # a new run stopped before its first checkpoint:
+        train.main([*args, "--seed", "7"])                 # the folder's checkpoint is the earlier run's
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "checkpoint.pt" not in err
 
 
 def test_non_finite_loss_stops_with_clear_message(demo_log, tmp_path, monkeypatch):
