@@ -282,8 +282,8 @@ def _constants() -> dict[str, tuple[Any, str]]:
     problems += [f"{n} has no entry in CHECKS" for n in names
                  if type(globals()[n]) in (int, float) and n.lower() not in CHECKS]
     problems += [f"CHECKS names {k!r}, which is no constant" for k in CHECKS if k not in flags]
-    problems += [f"{n} is in neither RESUME_KEYS nor RUN_ONLY (may a resumed run change it?)" for n in names
-                 if (n.lower() in RESUME_KEYS) == (n.lower() in RUN_ONLY)]
+    problems += [f"{n} is in {'both' if n.lower() in RESUME_KEYS else 'neither'} of RESUME_KEYS and RUN_ONLY "
+                 f"(may a resumed run change it?)" for n in names if (n.lower() in RESUME_KEYS) == (n.lower() in RUN_ONLY)]
     problems += [f"{k!r} in RESUME_KEYS or RUN_ONLY is no constant" for k in RESUME_KEYS + RUN_ONLY if k not in flags]
     if problems:
         raise RuntimeError("train.py's constants: " + "; ".join(problems))

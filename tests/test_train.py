@@ -486,10 +486,21 @@ def test_readme_documents_every_flag():
     ("NEW_FLAG = 5\n", "NEW_FLAG has no comment"),
     ("NEW_FLAG = 5  #  \n", "NEW_FLAG has no comment"),
     ("NEW_FLAG = 5  # a number nobody checks\n", "NEW_FLAG has no entry in CHECKS"),
-    ("NEW_FLAG = True  # a switch nobody placed\n", "NEW_FLAG is in neither RESUME_KEYS nor RUN_ONLY"),
+    ("NEW_FLAG = True  # a switch nobody placed\n", "NEW_FLAG is in neither of RESUME_KEYS and RUN_ONLY"),
 ])
 def test_a_constant_without_help_or_check_is_an_error_not_a_silent_flag(tmp_path, line, message):
-    src = (ROOT / "train.py").read_text().replace("PROGRESS = True", line + "PROGRESS = True", 1)
+    help_fails_with(tmp_path, "PROGRESS = True", line + "PROGRESS = True", message)
+
+
+def test_a_constant_in_both_resume_tables_is_an_error(tmp_path):
+    help_fails_with(tmp_path, '"no_redis", "progress")', '"no_redis", "progress", "seed")',
+                    "SEED is in both of RESUME_KEYS and RUN_ONLY")
+
+
+def help_fails_with(tmp_path, old, new, message):
+    """train.py --help with `old` replaced by `new` in its source exits non-zero saying `message`."""
+    assert old in (ROOT / "train.py").read_text()
+    src = (ROOT / "train.py").read_text().replace(old, new, 1)
     (tmp_path / "train.py").write_text(src)
     run = subprocess.run([sys.executable, str(tmp_path / "train.py"), "--help"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
