@@ -61,6 +61,11 @@ class ModelConfig:
         skip_pool: each tower adds a recency-weighted pool of its events' target vectors to the [CLS]
             output, so the user vector starts as a learned pooling of the history (the mean_emb baseline's
             recipe); the [CLS] path's head starts at zero and learns what pooling misses.
+        exact_categories (needs skip_pool; None = as skip_pool): the [CLS] head writes only the item half of the vector, so the
+            category half is the pool alone: a non-negative sum of the user's category target vectors, from
+            which `decode.category_weights` reads the user's recency-weighted category shares back (exactly
+            while the user's recent categories are few for the half's size). Cosine scoring can only
+            approximate such counts in 64 dimensions; decoding recovers them.
         feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
             time) before the projection, so each enters at the same scale whatever its table's init or
             size; without it the time features (norm ~2, mostly the Linear's bias, alike for every
@@ -87,6 +92,7 @@ class ModelConfig:
     feature_norm: bool = True
     target_head: bool = True
     skip_pool: bool = True
+    exact_categories: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.n_items < 2 or self.n_categories < 2:
@@ -98,6 +104,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.max_positions must be >= 1, got {self.max_positions}")
         if self.skip_pool and not self.target_head:
             raise ValueError("ModelConfig.skip_pool pools the events' target vectors: it needs target_head")
+        if self.exact_categories is None:
+            self.exact_categories = self.skip_pool
+        if self.exact_categories and not self.skip_pool:
+            raise ValueError("ModelConfig.exact_categories keeps the pool alone in the category half: it needs skip_pool")
 
 
 def batch_mask(batch: dict) -> torch.Tensor:
@@ -264,7 +274,8 @@ class InterestTower(nn.Module):
         nn.init.normal_(self.recency.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.hidden_dim)
+        # with exact_categories the head writes only the item half; the category half stays the pool's
+        self.head = nn.Linear(cfg.width, cfg.hidden_dim - cfg.hidden_dim // 2 if cfg.exact_categories else cfg.hidden_dim)
         if cfg.skip_pool:
             # pooling weight of each recency position (softmax over the real events); 0 = a plain mean
             self.pool_logit = nn.Embedding(cfg.max_positions, 1)
@@ -304,6 +315,8 @@ class InterestTower(nn.Module):
             m = mask.unsqueeze(-1).to(x.dtype)
             pooled = (x[:, 1:] * m).sum(1) / m.sum(1).clamp(min=1)
         v = self.head(pooled)                                               # (B, hidden_dim)
+        if self.cfg.exact_categories:
+            v = F.pad(v, (0, self.cfg.hidden_dim // 2))                    # (B, hidden_dim): category half = pool
         return F.normalize(v if skip is None else v + skip, dim=-1)
 
     def _pool(self, targets: Optional[torch.Tensor], recency: torch.Tensor, mask: torch.Tensor,

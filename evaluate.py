@@ -26,6 +26,10 @@ that candidate, the two-tower space those are trained in (long vs short). A cate
 category); an item candidate is (that item, its most frequent category in the history). The other features
 are those of a plausible next event: a view, at the history's most common hour of day, on the target day's
 weekday, with the time features of that hour (past the training span, so clipped to [1, 0]).
+Models whose category half is the pool alone (ModelConfig.exact_categories, the default) score category
+candidates by decoding it instead: decode.category_weights reads each user's recency-weighted category shares
+back out of the vector (ties, e.g. categories the user never touched, by popularity, as user_freq breaks them);
+the cosine score is reported beside it as 'model_cosine'. random_init is scored the same way as the model.
 
 Baselines, scored on the same users, candidates and metrics:
 - popular: history counts of the candidate (the same ranking for everyone);
@@ -56,6 +60,7 @@ import runtime  # first: it sets OpenMP's wait policy before torch loads
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import decode  # noqa: E402
 from atomic_files import atomic_json_save  # noqa: E402
 import inference  # noqa: E402
 from LongTermInterestModel import LongTermInterestModel  # noqa: E402
@@ -330,10 +335,19 @@ def next_day(context: dict, users: np.ndarray, kind: str, buy: bool, ks, seed: i
     row = np.searchsorted(context['users'], local_users)                   # rows into the context's user arrays
     n = len(local_users)
     prio = np.random.default_rng([seed, 4, len(kind), int(buy)]).permutation(len(cands['index']))
+    pop = cands['popularity']                                               # (C,) shares of the history
     for name, (uv, cv) in cands['vectors'].items():
         u = context['user_vectors'][name][row] if uv is None else uv[row]
-        out[name] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio), rel_user, n, ks)
-    pop = cands['popularity']                                               # (C,) shares of the history
+        decoded = context['decoded'].get(name) if kind == 'category' else None
+        if decoded is not None:   # the category half decoded (decode.py), ties by popularity like user_freq
+            if name == 'model':   # the cosine score beside it, to show what decoding adds
+                out['model_cosine'] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio),
+                                                   rel_user, n, ks)
+            w = decoded[row]
+            out[name] = topk_metrics(_rank_all(lambda r: w[r] + 1e-6 * pop[None, :], n, rel_user, rel_cand, prio),
+                                     rel_user, n, ks)
+        else:
+            out[name] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio), rel_user, n, ks)
     out['user_freq'] = topk_metrics(_rank_all(lambda r: context['user_freq'](row[r], kind) + 1e-6 * pop[None, :],
                                               n, rel_user, rel_cand, prio), rel_user, n, ks)
     out['popular'] = topk_metrics(_rank_all(lambda r: np.broadcast_to(pop, (len(r), len(pop))), n, rel_user,
@@ -530,7 +544,10 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
     for kind in ('category', 'item'):
         cands[kind]['vectors']['mean_emb'] = (mean_pooled_users(model, seqs, nd_users, 'all', n_min, n_max, (kind,)),
                                               cands[kind]['vectors']['mean_emb'][1])
-    context = {'cands': cands, 'target': target, 'users': nd_users, 'user_vectors': user_vectors,
+    # models whose category half is the pool alone score categories by decoding it (decode.py), not by cosine
+    decoded = {name: decode.category_weights(user_vectors[name], decode.category_half(cands['category']['vectors'][name][1]))
+               for name, m in base_models.items() if getattr(m.cfg, 'exact_categories', False)}
+    context = {'cands': cands, 'target': target, 'users': nd_users, 'user_vectors': user_vectors, 'decoded': decoded,
                'user_freq': _user_freq_fn(seqs, nd_users, cands, cutoff, n_max)}
 
     results, counts = {}, {}

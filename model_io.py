@@ -123,8 +123,9 @@ def read_config(save_dir: str | os.PathLike) -> dict[str, Any]:
 
 def build_model(config: dict[str, Any]) -> LongTermInterestModel:
     """Rebuild the (untrained) modules from a config.json dict."""
-    # models saved before ModelConfig.feature_norm / target_head / skip_pool existed were built without them
-    old = {"feature_norm": False, "target_head": False, "skip_pool": False}
+    # models saved before ModelConfig.feature_norm / target_head / skip_pool / exact_categories existed were
+    # built without them
+    old = {"feature_norm": False, "target_head": False, "skip_pool": False, "exact_categories": False}
     return LongTermInterestModel(ModelConfig(**{**old, **config["model"]}), MoEConfig(**config["moe"]))
 
 

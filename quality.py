@@ -230,11 +230,13 @@ def plot_scaling(points: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# capacity: how well could ANY d-dim dot-product user vector rank next-day candidates? (no training)
+# capacity: how well could a d-dim user vector rank next-day candidates? (no training)
 #
 # Oracles that know each user's exact counts over the window the model sees (the last n_max history events)
-# and squeeze them through d dimensions: user vector u = f(profile) (d,), candidate vectors c (C, d), score
-# u . c. If these cannot reach user_freq, a 128-d export cannot either, short of a cleverer encoding.
+# and squeeze them through d dimensions: user vector u = f(profile) (d,), candidate vectors c (C, d). Scored by
+# a dot product u . c, none reaches user_freq at d = 128; decoded (the non-negative combination of the codes
+# that gives u, decode.shares), a random sketch of user_freq's own scores gives them back exactly once d is
+# large enough for the users' distinct candidates. The limit is the dot product, not the 128 floats.
 
 CAPACITY_DIMS = (32, 64, 128, 256)
 CAPACITY_TOP = 10               # the top-10 indicator sketch keeps each user's 10 most frequent candidates
@@ -309,9 +311,11 @@ def capacity_ranks(scores: np.ndarray, rel_user: np.ndarray, rel_cand: np.ndarra
     return evaluate._rank_all(lambda rows: s[rows], len(s), rel_user, rel_cand, priority)
 
 
-def _capacity_methods(dims, top_dims, counts_all, rows, n_cand, priority, seed: int, kind: str):
+def _capacity_methods(dims, top_dims, counts_all, recency_all, rows, n_cand, priority, seed: int, kind: str):
     """({(method, dim): score_fn(local rows) -> (rows, n_cand)}, SVD rank) of the oracles of one task.
-    counts_all: every history user's counts (the SVD basis is fitted on them); rows: the evaluated users'."""
+    counts_all: every history user's counts (the SVD basis is fitted on them); recency_all: their recency-weighted
+    counts (user_freq's scores, which the decoded sketch stores); rows: the evaluated users'."""
+    import decode   # torch: only here
     norm_all = _row_normalise(counts_all)
     tag = {'category': 0, 'item': 1}[kind]
     methods = {}
@@ -326,6 +330,11 @@ def _capacity_methods(dims, top_dims, counts_all, rows, n_cand, priority, seed: 
         codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 2, d]))
         methods[(f'top-{CAPACITY_TOP} indicator', d)] = (
             lambda r, codes=codes: (top_indicator(counts_all[rows[r]], CAPACITY_TOP, priority) @ codes) @ codes.T)
+    if kind == 'category':   # decoding, not a dot product: the sketch's non-negative least-squares solution
+        for d in dims:
+            codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 3, d]))
+            methods[('random code, decoded', d)] = (
+                lambda r, codes=codes: decode.shares(np.asarray(recency_all[rows[r]] @ codes, np.float32), codes))
     return methods, int(full.shape[1])
 
 
@@ -344,7 +353,10 @@ def capacity_bounds(log_path, dims=CAPACITY_DIMS, n_max: int = data.N_MAX, seed:
       - random code d: candidate codes R (C, d) random unit vectors, u = normalised counts @ R, score u @ R^T;
       - SVD d: R = the best rank-d linear basis (top right singular vectors) of all history users' normalised
         count profiles, the evaluated users' included (optimistic);
-      - top-10 indicator d: u = (0/1 of the user's 10 most frequent candidates) @ R, R random codes.
+      - top-10 indicator d: u = (0/1 of the user's 10 most frequent candidates) @ R, R random codes;
+      - random code, decoded d (categories only): u = user_freq's scores @ R in float32 (what an export holds),
+        R random unit codes, scored by decode.shares(u, R): exact where the user's distinct categories are few
+        enough for d, so it equals user_freq there.
     Ties (after rounding scores to 1e-9) go to the more popular candidate (history counts), then a seeded
     random order. Deterministic for a given seed.
 
@@ -388,7 +400,8 @@ def capacity_bounds(log_path, dims=CAPACITY_DIMS, n_max: int = data.N_MAX, seed:
                                                      evaluate.RECENCY_HALF_LIFE_H)
         methods = {('user_freq', None): lambda r: recency_all[users[r]].toarray(),
                    ('counts', None): lambda r: counts_all[users[r]].toarray()}
-        oracles, svd_rank = _capacity_methods(dims, top_dims, counts_all, users, n_cand, priority, seed, kind)
+        oracles, svd_rank = _capacity_methods(dims, top_dims, counts_all, recency_all, users, n_cand, priority, seed,
+                                              kind)
         methods.update(oracles)
         rows = []
         for (name, d), score in methods.items():
@@ -414,7 +427,7 @@ def capacity_bounds(log_path, dims=CAPACITY_DIMS, n_max: int = data.N_MAX, seed:
 def capacity_markdown(results: dict[str, dict], header: dict) -> str:
     """The capacity report: provenance, what the rows mean, then one table per log (rows: methods; columns:
     next-day category / item Recall@k and NDCG@k)."""
-    out = ['# Capacity of a d-dim dot-product user vector: oracle sketches of the users\' own counts', '',
+    out = ['# Capacity of a d-dim user vector: oracle sketches of the users\' own counts, dot product vs decoding', '',
            f"- date: {header['date']}", f"- commit: `{header['commit']}`", f"- command: `{header['command']}`",
            '- split as train.py: history = every event before the log\'s last day, target = that day. Evaluated: '
            'ALL history users with a target-day event (not a 10% held-out sample), relevant = their distinct known '
@@ -426,7 +439,9 @@ def capacity_markdown(results: dict[str, dict], header: dict) -> str:
            'random unit code per candidate, user = normalised counts @ codes; SVD d = the best rank-d linear basis of '
            'all history users\' normalised count profiles (evaluated users included, so optimistic); '
            f'top-{CAPACITY_TOP} indicator d = random codes of the user\'s {CAPACITY_TOP} most frequent candidates '
-           'only.', '']
+           'only. random code, decoded d (categories): user = user_freq\'s scores @ random codes in float32, scored '
+           'by decoding (decode.shares: the non-negative least-squares combination of the codes), not by a dot '
+           'product.', '']
     for log, res in results.items():
         k = res['k']
         tasks = res['tasks']

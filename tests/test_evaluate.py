@@ -170,7 +170,9 @@ def test_evaluation_is_deterministic_and_complete(split):
     json.dumps(m1)                                                      # JSON-serialisable as is
     for g in groups:
         assert set(m1[g]) == set(evaluate.TASKS)
-        assert set(m1[g]["next_category"]) == set(evaluate.METHODS)
+        assert set(m1[g]["next_item"]) == set(evaluate.METHODS)
+        # the model's category half is the pool alone: categories are scored by decoding it, cosine beside
+        assert set(m1[g]["next_category"]) == set(evaluate.METHODS) | {"model_cosine"}
         assert set(m1[g]["reid"]) == {"model", "random_init", "mean_emb"}
         for task in ("next_category", "next_item"):
             for row in m1[g][task].values():

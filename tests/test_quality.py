@@ -102,8 +102,9 @@ def test_capacity_svd_matches_counts_at_full_rank_and_loses_below(tmp_path):
     assert item['candidates'] > 64 and item['svd_rank'] == 60
     for task in (cat, item):
         rows = {(r['method'], r['dim']): r for r in task['rows']}
+        decoded = [('random code, decoded', 1), ('random code, decoded', 64)] if task is cat else []
         assert list(rows) == [('user_freq', None), ('counts', None), ('random code', 1), ('random code', 64),
-                              ('SVD', 1), ('SVD', 64), ('top-10 indicator', 8)]
+                              ('SVD', 1), ('SVD', 64), ('top-10 indicator', 8)] + decoded
         counts = rows[('counts', None)]
         # d >= the rank of the profiles: the SVD basis spans every user's profile, so it ranks as the counts do
         for m in ('recall@10', 'ndcg@10'):
@@ -112,6 +113,11 @@ def test_capacity_svd_matches_counts_at_full_rank_and_loses_below(tmp_path):
             assert rows[('SVD', 1)][m] < counts[m] - 0.05
             assert rows[('random code', 1)][m] < counts[m] - 0.05
             assert all(0.0 <= r[m] <= 1.0 for r in rows.values())
+    # decoding a 64-float sketch of 30 categories gives user_freq's scores back: the same ranking; one float cannot
+    rows = {(r['method'], r['dim']): r for r in cat['rows']}
+    for m in ('recall@10', 'ndcg@10'):
+        assert rows[('random code, decoded', 64)][m] == pytest.approx(rows[('user_freq', None)][m], abs=1e-12)
+        assert rows[('random code, decoded', 1)][m] < rows[('user_freq', None)][m] - 0.05
     again = quality.capacity_bounds(log, dims=(1, 64), top_dims=(8,), seed=0)       # seeded: the same numbers
     assert [t['rows'] for t in again['tasks'].values()] == [t['rows'] for t in res['tasks'].values()]
     text = quality.capacity_markdown({'tiny': res}, {'date': 'd', 'commit': 'c', 'command': 'python quality.py'})

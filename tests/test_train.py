@@ -119,6 +119,13 @@ def test_resume_refuses_changed_settings(demo_log, tmp_path):
     assert train.main(common) == 0
     with pytest.raises(SystemExit, match="--width"):
         train.main([*common, "--resume", "--epochs", "2", "--width", "32"])
+    # a checkpoint from before a setting existed was made with the old behaviour, not today's default
+    ckpt_path = tmp_path / model_io.CHECKPOINT_FILE
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["config"]["exact_categories"]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(SystemExit, match=r"--exact_categories False \(now True\)"):
+        train.main([*common, "--resume", "--epochs", "2"])
 
 
 def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_path, monkeypatch):
@@ -562,6 +569,10 @@ def test_config_saved_before_feature_norm_builds_the_old_model(trained):
     assert hasattr(model_io.build_model(config).feature_embedding, "group_norms")
     del config["model"]["feature_norm"]  # what config.json held before the field existed
     assert not hasattr(model_io.build_model(config).feature_embedding, "group_norms")
+    # the [CLS] head of a model from before exact_categories writes the whole vector
+    assert model_io.build_model(config).long_term.head.out_features == config["model"]["hidden_dim"] // 2
+    del config["model"]["exact_categories"]
+    assert model_io.build_model(config).long_term.head.out_features == config["model"]["hidden_dim"]
 
 
 def _split(user_ids, n_events=None, seed=7, test=0.1, val=0.1, evaluate=True):

@@ -1,0 +1,74 @@
+"""
+Read a user's category interests back out of an exported user vector.
+
+With `ModelConfig.exact_categories` (the default), the second half of a user vector is the pool alone: the
+normalised sum, over the user's recent events, of each event's category code (the category half of
+`FeatureEmbedding.target`) times a learned recency weight. That is a non-negative combination of a few of
+the many codes, so non-negative least squares over the codes recovers each category's pooled weight - exactly
+while the user's recent categories are few for the half's size (64 floats carry the demo log's users, whose
+last 100 events hold 6 categories in the median), approximately beyond. A dot product with the codes (cosine
+scoring) can only blur those weights: `quality.py --capacity` measures both.
+
+    import decode, model_io
+    model, vocab, _ = model_io.load_model('saved_models')
+    codes = decode.category_codes(model)                     # once per model: (categories, 64)
+    shares = decode.category_weights(vectors, codes)          # (users, categories), rows sum to 1
+    top = vocab.categories[shares[0].argsort()[::-1][:10]]   # user 0's 10 heaviest raw category ids
+
+Column j of `codes` / `shares` is vocabulary index j + 2 (0 is padding, 1 the unknown category), i.e. the raw
+category id vocab.categories[j].
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+FIRST = 2           # vocabulary index of the first real category (0: padding, 1: unknown)
+DROP = 1e-6         # decoded weights below this share of a row's largest are solver noise: set to 0
+ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder equal weights
+
+
+def category_half(vectors: np.ndarray) -> np.ndarray:
+    """The category half of user (or target) vectors (..., hidden_dim): the last hidden_dim // 2 entries."""
+    vectors = np.asarray(vectors)
+    return vectors[..., vectors.shape[-1] - vectors.shape[-1] // 2:]
+
+
+def category_codes(model) -> np.ndarray:
+    """(n_categories - 2, hidden_dim // 2) float64: the category half of the target vector of every real
+    category (vocabulary index 2.., an unknown item), as the pool sums them. Raises ValueError for models whose
+    category half is not the pool alone (saved before `exact_categories`, or trained without it)."""
+    cfg = model.cfg
+    if not getattr(cfg, 'exact_categories', False):
+        raise ValueError('this model mixes its [CLS] output into the category half (exact_categories is off): '
+                         'its vectors cannot be decoded; score categories by cosine instead')
+    fe = model.feature_embedding
+    index = torch.arange(FIRST, cfg.n_categories, device=fe.category.weight.device)
+    with torch.no_grad():
+        target = fe.target(torch.ones_like(index), index)                  # item 1: the unknown item
+    return category_half(target.float().cpu().numpy()).astype(np.float64)
+
+
+def category_weights(vectors: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(N, C) each user's category shares decoded from vectors (N, hidden_dim) with codes (C, hidden_dim // 2):
+    `shares` of the vectors' category halves."""
+    return shares(category_half(vectors), codes)
+
+
+def shares(sketches: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(N, C) the non-negative least-squares solution w of codes.T @ w = sketch for each of sketches (N, d),
+    codes (C, d), scaled to sum 1 (all-zero for an all-zero sketch: a user with no events). Exact when the
+    sketch is a non-negative combination of few enough codes; otherwise the closest such combination."""
+    sketches = np.asarray(sketches, np.float64)
+    codes = np.asarray(codes, np.float64)
+    if sketches.shape[-1] != codes.shape[-1]:
+        raise ValueError(f'vectors have a {sketches.shape[-1]}-float category half, codes {codes.shape[-1]} floats')
+    a = np.ascontiguousarray(codes.T)                                      # (d, C)
+    out = np.zeros((len(sketches), len(codes)))
+    for i, y in enumerate(sketches):
+        if np.any(y):
+            out[i] = nnls(a, y, maxiter=20 * a.shape[1])[0]
+    out[out < DROP * out.max(1, keepdims=True, initial=0.0)] = 0.0
+    total = out.sum(1, keepdims=True)
+    return np.round(np.divide(out, total, out=np.zeros_like(out), where=total > 0), ROUND)

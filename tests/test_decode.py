@@ -1,0 +1,93 @@
+"""decode.py: a user's category shares read back out of the vector's category half."""
+import numpy as np
+import pytest
+import torch
+
+import decode
+from DeepSeekMoE import MoEConfig
+from LongTermInterestModel import LongTermInterestModel, ModelConfig
+
+N_CATS = 40                     # table rows: 0 padding, 1 unknown, 2..39 real categories
+
+
+def planted(n_users=200, n_codes=300, dim=32, support=4, seed=0):
+    """Random unit codes, each user a few random positive weights; (vectors with a random item half, codes,
+    the true shares)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.standard_normal((n_codes, dim))
+    codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+    w = np.zeros((n_users, n_codes))
+    for row in w:
+        row[rng.choice(n_codes, support, replace=False)] = rng.uniform(0.1, 1.0, support)
+    vectors = np.concatenate([rng.standard_normal((n_users, dim)), 3.0 * w @ codes], axis=1)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)        # scale and item half do not matter
+    return vectors, codes, w / w.sum(1, keepdims=True)
+
+
+def test_sparse_shares_are_recovered_where_cosine_blurs_them():
+    vectors, codes, shares = planted()
+    got = decode.category_weights(vectors, codes)
+    assert np.allclose(got, shares, atol=1e-6)
+    assert np.allclose(got.sum(1), 1.0)
+    # the order of the users' categories: decoding gets every user's right, a dot product with the codes does not
+    half = decode.category_half(vectors)
+    cos_order_ok = [(np.argsort(-(h @ codes.T))[:4] == np.argsort(-s)[:4]).all() for h, s in zip(half, shares)]
+    dec_order_ok = [(np.argsort(-g)[:4] == np.argsort(-s)[:4]).all() for g, s in zip(got, shares)]
+    assert all(dec_order_ok) and np.mean(cos_order_ok) < 0.5
+
+
+def test_zero_half_decodes_to_zero_and_sizes_must_match():
+    _, codes, _ = planted(n_users=1)
+    got = decode.category_weights(np.zeros((2, 64)), codes)
+    assert got.shape == (2, 300) and not got.any()
+    with pytest.raises(ValueError, match="16-float category half, codes 32"):
+        decode.category_weights(np.ones((1, 32)), codes)
+
+
+def _model(exact: bool) -> LongTermInterestModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=32,
+                      small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, dropout=0.0,
+                      max_positions=16, exact_categories=exact)
+    model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
+    with torch.no_grad():   # a trained-looking [CLS] head: it writes into the vector (the item half only, if exact)
+        model.long_term.head.weight.normal_(0, 0.1)
+        model.long_term.head.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def _batch(rows: list[list[int]], length: int = 12) -> dict:
+    """Sequences with the given categories (right-padded), other features fixed and valid."""
+    b = len(rows)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    cat = torch.zeros(b, length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        mask[i, :len(r)] = True
+        cat[i, :len(r)] = torch.tensor(r)
+    m = mask.long()
+    return {'item': (torch.arange(length) % 25 + 2) * m, 'category': cat, 'weekday': 3 * m, 'hour': 5 * m,
+            'weekend': m, 'behavior': m, 'time': 0.5 * mask.unsqueeze(-1).float().expand(b, length, 2),
+            'mask': mask}
+
+
+def test_a_users_vector_decodes_to_the_categories_of_its_events():
+    rows = [[5, 5, 9], [2, 7, 7, 7, 7, 30, 30, 2], [12], [39, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
+    model = _model(exact=True)
+    with torch.no_grad():
+        vectors = model.encode(_batch(rows), 'long').numpy()
+    got = decode.category_weights(vectors, decode.category_codes(model))
+    want = np.zeros((len(rows), N_CATS - 2))
+    for i, r in enumerate(rows):       # the untrained pool weighs every event alike: shares are event counts
+        for c in r:
+            want[i, c - decode.FIRST] += 1.0 / len(r)
+    assert np.allclose(got, want, atol=1e-4)
+    # the model mixing its [CLS] head into the whole vector cannot be decoded, and says so
+    with pytest.raises(ValueError, match="exact_categories is off"):
+        decode.category_codes(_model(exact=False))
+
+
+def test_exact_categories_follows_skip_pool_and_needs_it():
+    assert ModelConfig(n_items=5, n_categories=5).exact_categories is True
+    assert ModelConfig(n_items=5, n_categories=5, skip_pool=False, target_head=False).exact_categories is False
+    with pytest.raises(ValueError, match="needs skip_pool"):
+        ModelConfig(n_items=5, n_categories=5, skip_pool=False, exact_categories=True)
