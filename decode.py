@@ -11,6 +11,7 @@ scoring) can only blur those weights: `quality.py --capacity` measures both.
 
     import decode, model_io
     model, vocab, _ = model_io.load_model('saved_models')
+    user_ids, vectors, _ = model_io.load_vectors('saved_models')     # or vectors read from Redis
     codes = decode.category_codes(model)                     # once per model: (categories, 64)
     shares = decode.category_weights(vectors, codes)          # (users, categories), rows sum to 1
     top = vocab.categories[shares[0].argsort()[::-1][:10]]   # user 0's 10 heaviest raw category ids
