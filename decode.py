@@ -28,6 +28,7 @@ from scipy.optimize import nnls
 FIRST = 2           # vocabulary index of the first real category (0: padding, 1: unknown)
 DROP = 1e-6         # decoded weights below this share of a row's largest are solver noise: set to 0
 ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder equal weights
+SPAN = 1e-4         # directions where the codes' singular value is below this share of the largest do not count
 
 
 def category_half(vectors: np.ndarray) -> np.ndarray:
@@ -65,9 +66,13 @@ def shares(sketches: np.ndarray, codes: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes, np.float64)
     if sketches.shape[-1] != codes.shape[-1]:
         raise ValueError(f'vectors have a {sketches.shape[-1]}-float category half, codes {codes.shape[-1]} floats')
-    a = np.ascontiguousarray(codes.T)                                      # (d, C)
+    # solve inside the span of the codes: an untrained model's codes, for one, span only d - 1 directions (the
+    # LayerNorm before the projection centres them), and float32 noise off that span would need huge weights
+    u, sv, _ = np.linalg.svd(codes.T, full_matrices=False)
+    basis = u[:, sv > SPAN * sv.max(initial=0.0)]                           # (d, r)
+    a = np.ascontiguousarray(basis.T @ codes.T)                             # (r, C)
     out = np.zeros((len(sketches), len(codes)))
-    for i, y in enumerate(sketches):
+    for i, y in enumerate(sketches @ basis):
         if np.any(y):
             out[i] = nnls(a, y, maxiter=20 * a.shape[1])[0]
     out[out < DROP * out.max(1, keepdims=True, initial=0.0)] = 0.0

@@ -44,9 +44,9 @@ def test_zero_half_decodes_to_zero_and_sizes_must_match():
         decode.category_weights(np.ones((1, 32)), codes)
 
 
-def _model(exact: bool) -> LongTermInterestModel:
+def _model(exact: bool, category_dim: int = 32) -> LongTermInterestModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=32,
+    cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=category_dim,
                       small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, dropout=0.0,
                       max_positions=16, exact_categories=exact)
     model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
@@ -70,9 +70,12 @@ def _batch(rows: list[list[int]], length: int = 12) -> dict:
             'mask': mask}
 
 
-def test_a_users_vector_decodes_to_the_categories_of_its_events():
+# 24 = the half: the LayerNorm before the square projection centres the codes, so an untrained model's span
+# only 23 directions (as the default 64-float half's do) and float32 noise off that span must not count
+@pytest.mark.parametrize('category_dim', [32, 24])
+def test_a_users_vector_decodes_to_the_categories_of_its_events(category_dim):
     rows = [[5, 5, 9], [2, 7, 7, 7, 7, 30, 30, 2], [12], [39, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
-    model = _model(exact=True)
+    model = _model(exact=True, category_dim=category_dim)
     with torch.no_grad():
         vectors = model.encode(_batch(rows), 'long').numpy()
     got = decode.category_weights(vectors, decode.category_codes(model))
@@ -91,3 +94,14 @@ def test_exact_categories_follows_skip_pool_and_needs_it():
     assert ModelConfig(n_items=5, n_categories=5, skip_pool=False, target_head=False).exact_categories is False
     with pytest.raises(ValueError, match="needs skip_pool"):
         ModelConfig(n_items=5, n_categories=5, skip_pool=False, exact_categories=True)
+
+
+def test_noise_off_the_codes_span_is_ignored():
+    # codes that all but lack one direction (singular value 1e-7: an untrained model's, whose LayerNorm centres
+    # them), turned so it is no axis; a float32 sketch has rounding noise along it, which must not count
+    vectors, codes, shares = planted(dim=32)
+    rng = np.random.default_rng(5)
+    weak = np.concatenate([codes, 1e-7 * rng.standard_normal((len(codes), 1))], 1)
+    codes = weak @ np.linalg.qr(rng.standard_normal((33, 33)))[0]
+    got = decode.shares(((shares * 3.0) @ codes).astype(np.float32), codes)
+    assert np.allclose(got, shares, atol=1e-6)
