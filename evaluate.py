@@ -29,7 +29,8 @@ weekday, with the time features of that hour (past the training span, so clipped
 Models whose category half is the pool alone (ModelConfig.exact_categories, the default) score category
 candidates by decoding it instead: decode.category_weights reads each user's recency-weighted category shares
 back out of the vector (ties, e.g. categories the user never touched, by popularity, as user_freq breaks them);
-the cosine score is reported beside it as 'model_cosine'. random_init is scored the same way as the model.
+the cosine scores are reported beside them as 'model_cosine' and 'random_init_cosine'. random_init is
+scored the same way as the model.
 
 Baselines, scored on the same users, candidates and metrics:
 - popular: history counts of the candidate (the same ranking for everyone);
@@ -340,9 +341,9 @@ def next_day(context: dict, users: np.ndarray, kind: str, buy: bool, ks, seed: i
         u = context['user_vectors'][name][row] if uv is None else uv[row]
         decoded = context['decoded'].get(name) if kind == 'category' else None
         if decoded is not None:   # the category half decoded (decode.py), ties by popularity like user_freq
-            if name == 'model':   # the cosine score beside it, to show what decoding adds
-                out['model_cosine'] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio),
-                                                   rel_user, n, ks)
+            # the cosine score beside it: what decoding adds, and what training adds beyond counts
+            out[f'{name}_cosine'] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio),
+                                                 rel_user, n, ks)
             w = decoded[row]
             out[name] = topk_metrics(_rank_all(lambda r: w[r] + 1e-6 * pop[None, :], n, rel_user, rel_cand, prio),
                                      rel_user, n, ks)
