@@ -340,15 +340,13 @@ def next_day(context: dict, users: np.ndarray, kind: str, buy: bool, ks, seed: i
     for name, (uv, cv) in cands['vectors'].items():
         u = context['user_vectors'][name][row] if uv is None else uv[row]
         decoded = context['decoded'].get(name) if kind == 'category' else None
+        # a decoded model keeps its cosine score beside: what decoding adds, and what training adds beyond counts
+        cosine = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio), rel_user, n, ks)
+        out[name if decoded is None else f'{name}_cosine'] = cosine
         if decoded is not None:   # the category half decoded (decode.py), ties by popularity like user_freq
-            # the cosine score beside it: what decoding adds, and what training adds beyond counts
-            out[f'{name}_cosine'] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio),
-                                                 rel_user, n, ks)
             w = decoded[row]
             out[name] = topk_metrics(_rank_all(lambda r: w[r] + 1e-6 * pop[None, :], n, rel_user, rel_cand, prio),
                                      rel_user, n, ks)
-        else:
-            out[name] = topk_metrics(_rank_all(lambda r: u[r] @ cv.T, n, rel_user, rel_cand, prio), rel_user, n, ks)
     out['user_freq'] = topk_metrics(_rank_all(lambda r: context['user_freq'](row[r], kind) + 1e-6 * pop[None, :],
                                               n, rel_user, rel_cand, prio), rel_user, n, ks)
     out['popular'] = topk_metrics(_rank_all(lambda r: np.broadcast_to(pop, (len(r), len(pop))), n, rel_user,
