@@ -66,6 +66,11 @@ class ModelConfig:
             which `decode.category_weights` reads the user's recency-weighted category shares back (exactly
             while the user's recent categories are few for the half's size). Cosine scoring can only
             approximate such counts in 64 dimensions; decoding recovers them.
+        fixed_category_codes (needs target_head): a category's code (the category half of its target vector)
+            is a fixed random unit vector, drawn at initialisation and never trained, instead of a learned
+            projection of its embedding. Random codes keep different categories apart, so two users' category
+            halves match only where their categories do (what re-identification and repeat items need); learned
+            codes pull co-occurring categories together. The category embedding still feeds the towers.
         feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
             time) before the projection, so each enters at the same scale whatever its table's init or
             size; without it the time features (norm ~2, mostly the Linear's bias, alike for every
@@ -93,6 +98,7 @@ class ModelConfig:
     target_head: bool = True
     skip_pool: bool = True
     exact_categories: Optional[bool] = None
+    fixed_category_codes: bool = False
 
     def __post_init__(self) -> None:
         if self.n_items < 2 or self.n_categories < 2:
@@ -108,6 +114,8 @@ class ModelConfig:
             self.exact_categories = self.skip_pool
         if self.exact_categories and not self.skip_pool:
             raise ValueError("ModelConfig.exact_categories keeps the pool alone in the category half: it needs skip_pool")
+        if self.fixed_category_codes and not self.target_head:
+            raise ValueError("ModelConfig.fixed_category_codes are the target vectors' category half: it needs target_head")
 
 
 def batch_mask(batch: dict) -> torch.Tensor:
@@ -137,13 +145,22 @@ class FeatureEmbedding(nn.Module):
             self.group_norms = nn.ModuleList([nn.LayerNorm(cfg.item_embedding_dim),
                                               nn.LayerNorm(cfg.category_embedding_dim), nn.LayerNorm(5 * small)])
         if cfg.target_head:
-            self.target_norms = nn.ModuleList([nn.LayerNorm(cfg.item_embedding_dim),
-                                               nn.LayerNorm(cfg.category_embedding_dim)])
+            norms = [nn.LayerNorm(cfg.item_embedding_dim)]
+            if not cfg.fixed_category_codes:
+                norms.append(nn.LayerNorm(cfg.category_embedding_dim))
+            self.target_norms = nn.ModuleList(norms)
             # bias-free: a bias is one direction shared by every item, which would make them all look alike
             self.target_item = nn.Linear(cfg.item_embedding_dim, cfg.hidden_dim - cfg.hidden_dim // 2, bias=False)
-            self.target_category = nn.Linear(cfg.category_embedding_dim, cfg.hidden_dim // 2, bias=False)
+            if not cfg.fixed_category_codes:
+                self.target_category = nn.Linear(cfg.category_embedding_dim, cfg.hidden_dim // 2, bias=False)
             nn.init.orthogonal_(self.target_item.weight)       # keeps distances: a rotation when the sizes match
-            nn.init.orthogonal_(self.target_category.weight)
+            if cfg.fixed_category_codes:
+                # a buffer: saved with the weights (the decoder needs the same codes), never trained
+                codes = F.normalize(torch.randn(cfg.n_categories, cfg.hidden_dim // 2), dim=-1)
+                codes[0] = 0.0                                   # padding
+                self.register_buffer('category_code', codes)
+            else:
+                nn.init.orthogonal_(self.target_category.weight)
         self.dropout = nn.Dropout(cfg.dropout)
         for emb in (self.item, self.category, self.weekday, self.hour, self.weekend, self.behavior):
             nn.init.normal_(emb.weight, std=0.02)
@@ -172,7 +189,10 @@ class FeatureEmbedding(nn.Module):
         mean_emb baseline, which concatenates the two normalised means). Padding (0, 0) maps to zero.
         """
         ti = self.target_item(self.target_norms[0](self.item(item)))
-        tc = self.target_category(self.target_norms[1](self.category(category)))
+        if self.cfg.fixed_category_codes:
+            tc = self.category_code[category].to(ti.dtype)
+        else:
+            tc = self.target_category(self.target_norms[1](self.category(category)))
         return torch.cat([F.normalize(ti, dim=-1), F.normalize(tc, dim=-1)], dim=-1) * 2 ** -0.5
 
 

@@ -44,11 +44,11 @@ def test_zero_half_decodes_to_zero_and_sizes_must_match():
         decode.category_weights(np.ones((1, 32)), codes)
 
 
-def _model(exact: bool, category_dim: int = 32) -> LongTermInterestModel:
+def _model(exact: bool, category_dim: int = 32, fixed: bool = False) -> LongTermInterestModel:
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=category_dim,
                       small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, dropout=0.0,
-                      max_positions=16, exact_categories=exact)
+                      max_positions=16, exact_categories=exact, fixed_category_codes=fixed)
     model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
     with torch.no_grad():   # a trained-looking [CLS] head: it writes into the vector (the item half only, if exact)
         model.long_term.head.weight.normal_(0, 0.1)
@@ -72,10 +72,11 @@ def _batch(rows: list[list[int]], length: int = 12) -> dict:
 
 # 24 = the half: the LayerNorm before the square projection centres the codes, so an untrained model's span
 # only 23 directions (as the default 64-float half's do) and float32 noise off that span must not count
-@pytest.mark.parametrize('category_dim', [32, 24])
-def test_a_users_vector_decodes_to_the_categories_of_its_events(category_dim):
+# fixed: random codes (ModelConfig.fixed_category_codes), 38 of them in the 24-float half
+@pytest.mark.parametrize('category_dim, fixed', [(32, False), (24, False), (32, True)])
+def test_a_users_vector_decodes_to_the_categories_of_its_events(category_dim, fixed):
     rows = [[5, 5, 9], [2, 7, 7, 7, 7, 30, 30, 2], [12], [39, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
-    model = _model(exact=True, category_dim=category_dim)
+    model = _model(exact=True, category_dim=category_dim, fixed=fixed)
     with torch.no_grad():
         vectors = model.encode(_batch(rows), 'long').numpy()
     got = decode.category_weights(vectors, decode.category_codes(model))

@@ -334,6 +334,40 @@ def test_allaction_loss_gradients_reach_the_target_head_and_towers():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_fixed_category_codes_are_random_unit_vectors_never_trained_and_saved(tmp_path):
+    torch.manual_seed(3)
+    cfg = tiny_cfg(fixed_category_codes=True)
+    model = LongTermInterestModel(cfg, tiny_moe_cfg()).train()
+    fe = model.feature_embedding
+    codes = fe.category_code.clone()
+    assert codes.shape == (N_CATS, cfg.hidden_dim // 2) and not codes[0].any()
+    assert torch.allclose(codes[1:].norm(dim=1), torch.ones(N_CATS - 1))
+    assert not hasattr(fe, 'target_category') and 'feature_embedding.category_code' not in dict(model.named_parameters())
+    # the category half of a target vector is the code itself (scaled like the item half)
+    cats = torch.arange(2, N_CATS)
+    t = fe.target(torch.ones_like(cats), cats)
+    assert torch.allclose(t[:, cfg.hidden_dim - cfg.hidden_dim // 2:], codes[2:] * 2 ** -0.5)
+    # a training step moves the category embedding (it still feeds the towers) but not the codes
+    with torch.no_grad():
+        model.long_term.head.weight.normal_(std=0.1)   # as after the first step (it starts at zero)
+    opt = torch.optim.Adam(model.param_groups()[1], lr=0.1)
+    long_b, short_b = make_batch([9, 7, 5, 8], 9), make_batch([3, 2, 1, 2], 3, 1)
+    before = fe.category.weight.detach().clone()
+    loss, _ = batch_loss(model.encode(long_b), model.encode(short_b, 'short'), 'infonce', 0.1)
+    loss.backward()
+    opt.step()
+    assert torch.equal(fe.category_code, codes) and not torch.equal(fe.category.weight, before)
+    # the codes travel with the weights: a fresh model with another seed loads them back
+    torch.save(model.state_dict(), tmp_path / 'm.pth')
+    torch.manual_seed(4)
+    other = LongTermInterestModel(cfg, tiny_moe_cfg())
+    assert not torch.equal(other.feature_embedding.category_code, codes)
+    other.load_state_dict(torch.load(tmp_path / 'm.pth'))
+    assert torch.equal(other.feature_embedding.category_code, codes)
+    with pytest.raises(ValueError, match="needs target_head"):
+        ModelConfig(n_items=5, n_categories=5, skip_pool=False, target_head=False, fixed_category_codes=True)
+
+
 def test_cpu_attention_dropout_is_sdpa_in_expectation_and_respects_the_mask():
     from LongTermInterestModel import _attention_dropout, _dropout_scale
     g = torch.Generator().manual_seed(11)
