@@ -71,6 +71,11 @@ class ModelConfig:
             projection of its embedding. Random codes keep different categories apart, so two users' category
             halves match only where their categories do (what re-identification and repeat items need); learned
             codes pull co-occurring categories together. The category embedding still feeds the towers.
+        category_half_life: with skip_pool, > 0 weighs the category half's pool towards recent events: an event
+            `category_half_life` events older than the user's last counts half as much (a fixed prior added to
+            the learned recency logits; the item half keeps the learned logits alone). 0 = no prior. The learned
+            logits barely move on small logs (Adam moves each by at most lr per step: ~0.05 in a UserBehavior
+            run), so without a prior the pool stays a plain mean of the last N_MAX events.
         feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
             time) before the projection, so each enters at the same scale whatever its table's init or
             size; without it the time features (norm ~2, mostly the Linear's bias, alike for every
@@ -99,6 +104,7 @@ class ModelConfig:
     skip_pool: bool = True
     exact_categories: Optional[bool] = None
     fixed_category_codes: bool = False
+    category_half_life: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_items < 2 or self.n_categories < 2:
@@ -114,6 +120,8 @@ class ModelConfig:
             self.exact_categories = self.skip_pool
         if self.exact_categories and not self.skip_pool:
             raise ValueError("ModelConfig.exact_categories keeps the pool alone in the category half: it needs skip_pool")
+        if not self.category_half_life >= 0:
+            raise ValueError(f"ModelConfig.category_half_life must be >= 0 (0: no recency prior), got {self.category_half_life}")
         if self.fixed_category_codes and not self.target_head:
             raise ValueError("ModelConfig.fixed_category_codes are the target vectors' category half: it needs target_head")
 
@@ -346,10 +354,11 @@ class InterestTower(nn.Module):
         if targets is None:
             raise ValueError("InterestTower with skip_pool needs the events' target vectors")
         logit = self.pool_logit(recency).squeeze(-1).float()                # (B, L)
+        cat_logit = logit - math.log(2) / self.cfg.category_half_life * recency if self.cfg.category_half_life else logit
         split = targets.shape[-1] - targets.shape[-1] // 2
         halves = []
-        for part, m in ((targets[..., :split], known), (targets[..., split:], mask)):
-            w = torch.softmax(logit.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
+        for part, m, lg in ((targets[..., :split], known, logit), (targets[..., split:], mask, cat_logit)):
+            w = torch.softmax(lg.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
             halves.append(F.normalize(torch.einsum('bl,bld->bd', w.to(part.dtype), part), dim=-1))
         return torch.cat(halves, dim=-1) * 2 ** -0.5
 

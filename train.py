@@ -82,6 +82,7 @@ DROPOUT = 0.1  # dropout in towers and experts
 POOLING = "cls"  # cls | mean: how a tower turns the sequence into one vector
 SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to the tower output (the vector starts as pooling)
 EXACT_CATEGORIES = True  # with SKIP_POOL: the vector's category half is the pool alone, so decode.py reads the user's category shares back out of it (next-day categories are scored that way)
+CATEGORY_HALF_LIFE = 10.0  # with SKIP_POOL: the category half's pool weighs an event this many events older than the last half as much (0: the learned recency weights alone)
 FIXED_CATEGORY_CODES = False  # each category's code in the vector's category half is a fixed random unit vector, never trained (learned codes pull co-occurring categories together)
 # MoE
 MOE_EXPERTS = 100  # routed experts
@@ -120,19 +121,19 @@ CHECKS = {
     **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
                      "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
                      "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
-    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl"), ">= 0"),
+    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_half_life"), ">= 0"),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
 # Every constant is in exactly one of these two lists (_constants() checks): the settings that define the model
 # and data, which a checkpoint only resumes with unchanged, and those a resumed or repeated run may change.
 RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
-               "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
+               "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "category_half_life", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
             "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
             "no_redis", "progress")
-RESUME_SINCE = {"exact_categories": False, "fixed_category_codes": False}  # RESUME_KEYS added later: the value a checkpoint without it was made with
+RESUME_SINCE = {"exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
@@ -484,7 +485,8 @@ def build_model(cfg, vocab, sparse_item_grad: bool = True):
                        pooling=cfg.pooling, sparse_item_grad=sparse_item_grad,
                        target_head=cfg.skip_pool or cfg.loss == "allaction", skip_pool=cfg.skip_pool,
                        exact_categories=cfg.exact_categories and cfg.skip_pool,
-                       fixed_category_codes=cfg.fixed_category_codes and (cfg.skip_pool or cfg.loss == "allaction"))
+                       fixed_category_codes=cfg.fixed_category_codes and (cfg.skip_pool or cfg.loss == "allaction"),
+                       category_half_life=cfg.category_half_life if cfg.skip_pool else 0.0)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
                     balance=cfg.moe_balance)

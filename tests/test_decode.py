@@ -44,11 +44,12 @@ def test_zero_half_decodes_to_zero_and_sizes_must_match():
         decode.category_weights(np.ones((1, 32)), codes)
 
 
-def _model(exact: bool, category_dim: int = 32, fixed: bool = False) -> LongTermInterestModel:
+def _model(exact: bool, category_dim: int = 32, fixed: bool = False, half_life: float = 0.0) -> LongTermInterestModel:
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=category_dim,
                       small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, dropout=0.0,
-                      max_positions=16, exact_categories=exact, fixed_category_codes=fixed)
+                      max_positions=16, exact_categories=exact, fixed_category_codes=fixed,
+                      category_half_life=half_life)
     model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
     with torch.no_grad():   # a trained-looking [CLS] head: it writes into the vector (the item half only, if exact)
         model.long_term.head.weight.normal_(0, 0.1)
@@ -88,6 +89,26 @@ def test_a_users_vector_decodes_to_the_categories_of_its_events(category_dim, fi
     # the model mixing its [CLS] head into the whole vector cannot be decoded, and says so
     with pytest.raises(ValueError, match="exact_categories is off"):
         decode.category_codes(_model(exact=False))
+
+
+def test_category_half_life_weighs_recent_events_and_leaves_the_item_half_alone():
+    rows = [[5, 5, 9], [2, 7, 7, 7, 7, 30, 30, 2], [39, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
+    batch = _batch(rows)
+    with torch.no_grad():
+        plain = _model(exact=True).encode(batch, 'long').numpy()
+        recent = _model(exact=True, half_life=2.0).encode(batch, 'long').numpy()
+    got = decode.category_weights(recent, decode.category_codes(_model(exact=True, half_life=2.0)))
+    want = np.zeros((len(rows), N_CATS - 2))
+    for i, r in enumerate(rows):       # the last event weighs 1, the one 2 events older 1/2, ...
+        for pos, c in enumerate(r):
+            want[i, c - decode.FIRST] += 0.5 ** ((len(r) - 1 - pos) / 2.0)
+    assert np.allclose(got, want / want.sum(1, keepdims=True), atol=1e-4)
+    # the item half is pooled as without the prior (the vector is renormalised as a whole)
+    split = plain.shape[1] - decode.category_half(plain).shape[1]
+    item = lambda v: v[:, :split] / np.linalg.norm(v[:, :split], axis=1, keepdims=True)
+    assert np.allclose(item(recent), item(plain), atol=1e-5)
+    with pytest.raises(ValueError, match="category_half_life must be >= 0"):
+        ModelConfig(n_items=5, n_categories=5, category_half_life=-1.0)
 
 
 def test_exact_categories_follows_skip_pool_and_needs_it():

@@ -98,12 +98,13 @@ def test_feature_embedding_zero_at_padding(tiny_model):
     assert torch.all(x[~b['mask']] == 0) and torch.all(x[b['mask']].abs().sum(-1) > 0)
 
 
-@pytest.mark.parametrize('pooling, feature_norm, skip_pool', [('cls', True, True), ('mean', True, True),
-                                                           ('cls', False, False), ('cls', True, False)])
-def test_padding_does_not_change_a_users_vector(pooling, feature_norm, skip_pool):
+@pytest.mark.parametrize('pooling, feature_norm, skip_pool, half_life', [
+    ('cls', True, True, 0.0), ('mean', True, True, 0.0), ('cls', False, False, 0.0), ('cls', True, False, 0.0),
+    ('cls', True, True, 2.0)])
+def test_padding_does_not_change_a_users_vector(pooling, feature_norm, skip_pool, half_life):
     torch.manual_seed(1)
-    model = LongTermInterestModel(tiny_cfg(pooling=pooling, feature_norm=feature_norm, skip_pool=skip_pool),
-                                  tiny_moe_cfg()).eval()
+    model = LongTermInterestModel(tiny_cfg(pooling=pooling, feature_norm=feature_norm, skip_pool=skip_pool,
+                                           category_half_life=half_life), tiny_moe_cfg()).eval()
     for tower in (model.long_term, model.short_term):   # a trained [CLS] path, not the zero head it starts with
         torch.nn.init.normal_(tower.head.weight, std=0.1)
         if skip_pool:

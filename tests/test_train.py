@@ -573,6 +573,10 @@ def test_config_saved_before_feature_norm_builds_the_old_model(trained):
     assert model_io.build_model(config).long_term.head.out_features == config["model"]["hidden_dim"] // 2
     del config["model"]["exact_categories"]
     assert model_io.build_model(config).long_term.head.out_features == config["model"]["hidden_dim"]
+    # ... and its category half pooled without a recency prior
+    assert config["model"]["category_half_life"] == train.CATEGORY_HALF_LIFE > 0
+    del config["model"]["category_half_life"]
+    assert model_io.build_model(config).cfg.category_half_life == 0.0
 
 
 def _split(user_ids, n_events=None, seed=7, test=0.1, val=0.1, evaluate=True):
