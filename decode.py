@@ -3,7 +3,8 @@ Read a user's category interests back out of an exported user vector.
 
 With `ModelConfig.exact_categories` (the default), the second half of a user vector is the pool alone: the
 normalised sum, over the user's recent events, of each event's category code (the category half of
-`FeatureEmbedding.target`) times a learned recency weight. That is a non-negative combination of a few of
+`FeatureEmbedding.target`) times a recency weight (learned, times 2 ** -(age / category_half_life)
+with `ModelConfig.category_half_life`, the default). That is a non-negative combination of a few of
 the many codes, so non-negative least squares over the codes recovers each category's pooled weight - exactly
 while the user's recent categories are few for the half's size (64 floats carry the demo log's users, whose
 last 100 events hold 6 categories in the median), approximately beyond. A dot product with the codes (cosine
