@@ -76,6 +76,11 @@ class ModelConfig:
             the learned recency logits; the item half keeps the learned logits alone). 0 = no prior. The learned
             logits barely move on small logs (Adam moves each by at most lr per step: ~0.05 in a UserBehavior
             run), so without a prior the pool stays a plain mean of the last N_MAX events.
+        item_category_weight: with target_head, how much an item candidate's category half counts, relative to
+            its item half, when `candidate_vectors` scores items (category candidates, item = unknown, are
+            unchanged). 1 = the target vector as trained; below 1 the user's recent categories (the recency-
+            weighted category half) count less and repeat items of older categories rank higher. Only scoring
+            changes: training, the user vectors and `target` stay as they are.
         feature_norm: LayerNorm each feature group (item, category, context = calendar, behaviour and
             time) before the projection, so each enters at the same scale whatever its table's init or
             size; without it the time features (norm ~2, mostly the Linear's bias, alike for every
@@ -105,6 +110,7 @@ class ModelConfig:
     exact_categories: Optional[bool] = None
     fixed_category_codes: bool = False
     category_half_life: float = 0.0
+    item_category_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_items < 2 or self.n_categories < 2:
@@ -122,6 +128,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.exact_categories keeps the pool alone in the category half: it needs skip_pool")
         if not self.category_half_life >= 0:
             raise ValueError(f"ModelConfig.category_half_life must be >= 0 (0: no recency prior), got {self.category_half_life}")
+        if not self.item_category_weight >= 0:
+            raise ValueError(f"ModelConfig.item_category_weight must be >= 0 (0: item half alone), got {self.item_category_weight}")
         if self.fixed_category_codes and not self.target_head:
             raise ValueError("ModelConfig.fixed_category_codes are the target vectors' category half: it needs target_head")
 
@@ -486,10 +494,20 @@ class LongTermInterestModel(nn.Module):
     def candidate_vectors(self, batch: dict) -> torch.Tensor:
         """(C, hidden_dim) vectors of one-event candidate sequences (C, 1) to rank against long vectors:
         the target head of their (item, category) when the model has one, else the short tower of the
-        one-event sequence (the two-tower space of the 'bpr' / 'infonce' objectives)."""
-        if self.cfg.target_head:
-            return self.feature_embedding.target(batch['item'][:, 0], batch['category'][:, 0])
-        return self.encode(batch, tower='short')
+        one-event sequence (the two-tower space of the 'bpr' / 'infonce' objectives). With the target head,
+        an item candidate's category half is scaled by cfg.item_category_weight and the vector renormalised
+        (unit vectors either way); a category candidate (item = unknown) is its target vector."""
+        if not self.cfg.target_head:
+            return self.encode(batch, tower='short')
+        item = batch['item'][:, 0]
+        vectors = self.feature_embedding.target(item, batch['category'][:, 0])
+        gamma = self.cfg.item_category_weight
+        if gamma == 1.0:
+            return vectors
+        split = vectors.shape[-1] - vectors.shape[-1] // 2
+        is_item = (item > 1).unsqueeze(-1)                                   # 0 padding, 1 unknown (a category)
+        weighted = torch.cat([vectors[:, :split], vectors[:, split:] * gamma], dim=-1)
+        return torch.where(is_item, F.normalize(weighted, dim=-1), vectors)
 
     def forward(self, long_batch: dict, short_batch: dict, candidates: Optional[list] = None):
         """The training step's vectors: (long-tower vectors, short-tower vectors, [target vectors of each

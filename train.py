@@ -82,6 +82,7 @@ DROPOUT = 0.1  # dropout in towers and experts
 POOLING = "cls"  # cls | mean: how a tower turns the sequence into one vector
 SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to the tower output (the vector starts as pooling)
 EXACT_CATEGORIES = True  # with SKIP_POOL: the vector's category half is the pool alone, so decode.py reads the user's category shares back out of it (next-day categories are scored that way)
+ITEM_CATEGORY_WEIGHT = 0.5  # scoring next-day items against a user vector: the item candidate's category half counts this much relative to its item half (1: as trained; README: chosen on training users)
 CATEGORY_HALF_LIFE = 10.0  # with SKIP_POOL: the category half's pool weighs an event this many events older than the last half as much (0: the learned recency weights alone)
 FIXED_CATEGORY_CODES = False  # each category's code in the vector's category half is a fixed random unit vector, never trained (learned codes pull co-occurring categories together)
 # MoE
@@ -121,7 +122,7 @@ CHECKS = {
     **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
                      "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
                      "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
-    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_half_life"), ">= 0"),
+    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_half_life", "item_category_weight"), ">= 0"),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
 # Every constant is in exactly one of these two lists (_constants() checks): the settings that define the model
@@ -132,7 +133,7 @@ RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
             "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
-            "no_redis", "progress")
+            "no_redis", "progress", "item_category_weight")
 RESUME_SINCE = {"exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
@@ -486,7 +487,8 @@ def build_model(cfg, vocab, sparse_item_grad: bool = True):
                        target_head=cfg.skip_pool or cfg.loss == "allaction", skip_pool=cfg.skip_pool,
                        exact_categories=cfg.exact_categories and cfg.skip_pool,
                        fixed_category_codes=cfg.fixed_category_codes and (cfg.skip_pool or cfg.loss == "allaction"),
-                       category_half_life=cfg.category_half_life if cfg.skip_pool else 0.0)
+                       category_half_life=cfg.category_half_life if cfg.skip_pool else 0.0,
+                       item_category_weight=cfg.item_category_weight if cfg.skip_pool or cfg.loss == "allaction" else 1.0)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
                     balance=cfg.moe_balance)

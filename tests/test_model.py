@@ -310,6 +310,33 @@ def test_skip_pool_starts_as_the_pool_of_target_vectors():
         torch.testing.assert_close(cands, t[:, 0])
 
 
+def test_item_category_weight_scales_only_item_candidates_category_half():
+    """Scoring items against a user vector u ranks by u_item . t_item + w * u_cat . t_cat (w =
+    item_category_weight); category candidates (item = unknown) and the target vectors stay as trained."""
+    torch.manual_seed(12)
+    model = LongTermInterestModel(tiny_cfg(item_category_weight=0.5), tiny_moe_cfg()).eval()
+    items = torch.tensor([[5], [6], [1], [7], [8]])
+    batch = {'item': items, 'category': torch.tensor([[2], [3], [4], [3], [5]])}
+    with torch.no_grad():
+        t = model.feature_embedding.target(items[:, 0], batch['category'][:, 0])
+        cands = model.candidate_vectors(batch)
+        h = t.shape[-1] - t.shape[-1] // 2
+        torch.testing.assert_close(cands.norm(dim=-1), torch.ones(5))
+        torch.testing.assert_close(cands[2], t[2])                       # a category candidate: unchanged
+        item_rows = [0, 1, 3, 4]
+        want = torch.cat([t[item_rows, :h], 0.5 * t[item_rows, h:]], -1)
+        torch.testing.assert_close(cands[item_rows], F.normalize(want, dim=-1))
+        u = F.normalize(torch.randn(64, t.shape[-1]), dim=-1)
+        score = u[:, :h] @ t[item_rows, :h].T + 0.5 * u[:, h:] @ t[item_rows, h:].T
+        assert torch.equal((u @ cands[item_rows].T).argsort(-1), score.argsort(-1))
+        model.cfg.item_category_weight = 0.0                              # the item half alone
+        assert model.candidate_vectors(batch)[item_rows, h:].abs().max() == 0
+        model.cfg.item_category_weight = 1.0                              # the target vectors as trained
+        torch.testing.assert_close(model.candidate_vectors(batch), t)
+    with pytest.raises(ValueError, match="item_category_weight must be >= 0"):
+        tiny_cfg(item_category_weight=-0.5)
+
+
 def test_allaction_loss_gradients_reach_the_target_head_and_towers():
     torch.manual_seed(11)
     model = LongTermInterestModel(tiny_cfg(), tiny_moe_cfg()).train()

@@ -577,6 +577,10 @@ def test_config_saved_before_feature_norm_builds_the_old_model(trained):
     assert config["model"]["category_half_life"] == train.CATEGORY_HALF_LIFE > 0
     del config["model"]["category_half_life"]
     assert model_io.build_model(config).cfg.category_half_life == 0.0
+    # ... and scored item candidates with their target vectors as trained
+    assert config["model"]["item_category_weight"] == train.ITEM_CATEGORY_WEIGHT < 1
+    del config["model"]["item_category_weight"]
+    assert model_io.build_model(config).cfg.item_category_weight == 1.0
 
 
 def _split(user_ids, n_events=None, seed=7, test=0.1, val=0.1, evaluate=True):
