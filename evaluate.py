@@ -20,7 +20,8 @@ latter never trained on), each task within one group:
 
 How the model scores a candidate: cosine between the user's long-tower vector of the whole history ('all'
 part, as exported) and the candidate's vector (`LongTermInterestModel.candidate_vectors`): the target head of
-the candidate's (item, category) - what the 'allaction' objective trains the long vector to score - or, for
+the candidate's (item, category) - what the 'allaction' objective trains the long vector to score; an item
+candidate's category half weighted by ModelConfig.item_category_weight (0.5 by default) - or, for
 models without one (the 'bpr' / 'infonce' recipes), the short tower's vector of a one-event sequence holding
 that candidate, the two-tower space those are trained in (long vs short). A category candidate is (item = unknown, that
 category); an item candidate is (that item, its most frequent category in the history). The other features
