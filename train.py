@@ -133,7 +133,7 @@ RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
             "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
-            "no_redis", "progress", "item_category_weight")
+            "item_category_weight", "no_redis", "progress")
 RESUME_SINCE = {"exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
