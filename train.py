@@ -479,16 +479,17 @@ def _fraction_threshold(fraction: float) -> np.uint64:
 # model and optimisers
 
 def build_model(cfg, vocab, sparse_item_grad: bool = True):
+    target_head = cfg.skip_pool or cfg.loss == "allaction"  # the settings below that act on target vectors need it
     mcfg = ModelConfig(n_items=vocab.n_items, n_categories=vocab.n_categories,
                        item_embedding_dim=cfg.item_embedding_dim, category_embedding_dim=cfg.category_embedding_dim,
                        width=cfg.width, depth=cfg.depth, heads=cfg.heads, head_dim=cfg.head_dim,
                        hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, max_positions=max(cfg.n_max, cfg.k_max),
                        pooling=cfg.pooling, sparse_item_grad=sparse_item_grad,
-                       target_head=cfg.skip_pool or cfg.loss == "allaction", skip_pool=cfg.skip_pool,
+                       target_head=target_head, skip_pool=cfg.skip_pool,
                        exact_categories=cfg.exact_categories and cfg.skip_pool,
-                       fixed_category_codes=cfg.fixed_category_codes and (cfg.skip_pool or cfg.loss == "allaction"),
+                       fixed_category_codes=cfg.fixed_category_codes and target_head,
                        category_half_life=cfg.category_half_life if cfg.skip_pool else 0.0,
-                       item_category_weight=cfg.item_category_weight if cfg.skip_pool or cfg.loss == "allaction" else 1.0)
+                       item_category_weight=cfg.item_category_weight if target_head else 1.0)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
                     balance=cfg.moe_balance)
