@@ -51,6 +51,9 @@ class ModelConfig:
         head_dim: size of each head (heads * head_dim need not equal width).
         mlp_ratio: feed-forward hidden size = mlp_ratio * width.
         hidden_dim: size of the output user vector.
+        category_dim: with target_head, how many of the hidden_dim entries are the category half (the last
+            ones; the rest are the item half); 0 = hidden_dim // 2, what models saved before it have. A larger
+            category half decodes more of a user's recent categories exactly (`decode.py`), at the item half's cost.
         dropout: dropout in the embedding and the towers.
         max_positions: recency positions with their own embedding; older events share the last one.
         pooling: 'cls' (the [CLS] token's output) or 'mean' (mean of the real events' outputs).
@@ -100,6 +103,7 @@ class ModelConfig:
     head_dim: int = 64
     mlp_ratio: int = 4
     hidden_dim: int = 128
+    category_dim: int = 0
     dropout: float = 0.1
     max_positions: int = 256
     pooling: str = 'cls'
@@ -118,6 +122,9 @@ class ModelConfig:
                              f"they must be >= 2, got {self.n_items}, {self.n_categories}")
         if self.pooling not in ('cls', 'mean'):
             raise ValueError(f"ModelConfig.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if not 0 <= self.category_dim < self.hidden_dim:
+            raise ValueError(f"ModelConfig.category_dim must be in [0, hidden_dim = {self.hidden_dim}) "
+                             f"(0: hidden_dim // 2), got {self.category_dim}")
         if self.max_positions < 1:
             raise ValueError(f"ModelConfig.max_positions must be >= 1, got {self.max_positions}")
         if self.skip_pool and not self.target_head:
@@ -132,6 +139,16 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.item_category_weight must be >= 0 (0: item half alone), got {self.item_category_weight}")
         if self.fixed_category_codes and not self.target_head:
             raise ValueError("ModelConfig.fixed_category_codes are the target vectors' category half: it needs target_head")
+
+    @property
+    def category_size(self) -> int:
+        """Entries of the user vector's category half (its last ones): category_dim, or hidden_dim // 2."""
+        return self.category_dim or self.hidden_dim // 2
+
+    @property
+    def item_size(self) -> int:
+        """Entries of the user vector's item half (its first ones): hidden_dim - category_size."""
+        return self.hidden_dim - self.category_size
 
 
 def batch_mask(batch: dict) -> torch.Tensor:
@@ -166,13 +183,13 @@ class FeatureEmbedding(nn.Module):
                 norms.append(nn.LayerNorm(cfg.category_embedding_dim))
             self.target_norms = nn.ModuleList(norms)
             # bias-free: a bias is one direction shared by every item, which would make them all look alike
-            self.target_item = nn.Linear(cfg.item_embedding_dim, cfg.hidden_dim - cfg.hidden_dim // 2, bias=False)
+            self.target_item = nn.Linear(cfg.item_embedding_dim, cfg.item_size, bias=False)
             if not cfg.fixed_category_codes:
-                self.target_category = nn.Linear(cfg.category_embedding_dim, cfg.hidden_dim // 2, bias=False)
+                self.target_category = nn.Linear(cfg.category_embedding_dim, cfg.category_size, bias=False)
             nn.init.orthogonal_(self.target_item.weight)       # keeps distances: a rotation when the sizes match
             if cfg.fixed_category_codes:
                 # a buffer: saved with the weights (the decoder needs the same codes), never trained
-                codes = F.normalize(torch.randn(cfg.n_categories, cfg.hidden_dim // 2), dim=-1)
+                codes = F.normalize(torch.randn(cfg.n_categories, cfg.category_size), dim=-1)
                 codes[0] = 0.0                                   # padding
                 self.register_buffer('category_code', codes)
             else:
@@ -200,7 +217,7 @@ class FeatureEmbedding(nn.Module):
         """Unit vectors (..., hidden_dim) of (item, category) pairs in the user-vector space: the events a
         user vector should score high. A category alone is (item = 1, the unknown item; that category).
 
-        An item half (the first hidden_dim - hidden_dim // 2 entries) and a category half, each of norm
+        An item half (the first cfg.item_size entries) and a category half (the last cfg.category_size), each of norm
         1/sqrt(2): neither can drown the other, so item identity survives next to the category (as in the
         mean_emb baseline, which concatenates the two normalised means). Padding (0, 0) maps to zero.
         """
@@ -311,7 +328,7 @@ class InterestTower(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         # with exact_categories the head writes only the item half; the category half stays the pool's
-        self.head = nn.Linear(cfg.width, cfg.hidden_dim - cfg.hidden_dim // 2 if cfg.exact_categories else cfg.hidden_dim)
+        self.head = nn.Linear(cfg.width, cfg.item_size if cfg.exact_categories else cfg.hidden_dim)
         if cfg.skip_pool:
             # pooling weight of each recency position (softmax over the real events); 0 = a plain mean
             self.pool_logit = nn.Embedding(cfg.max_positions, 1)
@@ -352,7 +369,7 @@ class InterestTower(nn.Module):
             pooled = (x[:, 1:] * m).sum(1) / m.sum(1).clamp(min=1)
         v = self.head(pooled)                                               # (B, hidden_dim)
         if self.cfg.exact_categories:
-            v = F.pad(v, (0, self.cfg.hidden_dim // 2))                    # (B, hidden_dim): category half = pool
+            v = F.pad(v, (0, self.cfg.category_size))                    # (B, hidden_dim): category half = pool
         return F.normalize(v if skip is None else v + skip, dim=-1)
 
     def _pool(self, targets: Optional[torch.Tensor], recency: torch.Tensor, mask: torch.Tensor,
@@ -363,7 +380,7 @@ class InterestTower(nn.Module):
             raise ValueError("InterestTower with skip_pool needs the events' target vectors")
         logit = self.pool_logit(recency).squeeze(-1).float()                # (B, L)
         cat_logit = logit - math.log(2) / self.cfg.category_half_life * recency if self.cfg.category_half_life else logit
-        split = targets.shape[-1] - targets.shape[-1] // 2
+        split = self.cfg.item_size
         halves = []
         for part, m, lg in ((targets[..., :split], known, logit), (targets[..., split:], mask, cat_logit)):
             w = torch.softmax(lg.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
@@ -504,7 +521,7 @@ class LongTermInterestModel(nn.Module):
         gamma = self.cfg.item_category_weight
         if gamma == 1.0:
             return vectors
-        split = vectors.shape[-1] - vectors.shape[-1] // 2
+        split = self.cfg.item_size
         is_item = (item > 1).unsqueeze(-1)                                   # 0 padding, 1 unknown (a category)
         weighted = torch.cat([vectors[:, :split], vectors[:, split:] * gamma], dim=-1)
         return torch.where(is_item, F.normalize(weighted, dim=-1), vectors)

@@ -1,7 +1,8 @@
 """
 Read a user's category interests back out of an exported user vector.
 
-With `ModelConfig.exact_categories` (the default), the second half of a user vector is the pool alone: the
+With `ModelConfig.exact_categories` (the default), the category half of a user vector (its last
+`cfg.category_size` entries: `ModelConfig.category_dim`, half of them by default) is the pool alone: the
 normalised sum, over the user's recent events, of each event's category code (the category half of
 `FeatureEmbedding.target`) times a recency weight (learned, times 2 ** -(age / category_half_life)
 with `ModelConfig.category_half_life`, the default). That is a non-negative combination of a few of
@@ -13,7 +14,7 @@ scoring) can only blur those weights: `quality.py --capacity` measures both.
     import decode, model_io
     model, vocab, _ = model_io.load_model('saved_models')
     user_ids, vectors, _ = model_io.load_vectors('saved_models')     # or vectors read from Redis
-    codes = decode.category_codes(model)                     # once per model: (categories, 64)
+    codes = decode.category_codes(model)                     # once per model: (categories, model.cfg.category_size)
     shares = decode.category_weights(vectors, codes)          # (users, categories), rows sum to 1
     top = vocab.categories[shares[0].argsort()[::-1][:10]]   # user 0's 10 heaviest raw category ids
 
@@ -32,14 +33,16 @@ ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder 
 SPAN = 1e-4         # directions where the codes' singular value is below this share of the largest do not count
 
 
-def category_half(vectors: np.ndarray) -> np.ndarray:
-    """The category half of user (or target) vectors (..., hidden_dim): the last hidden_dim // 2 entries."""
+def category_half(vectors: np.ndarray, size: int | None = None) -> np.ndarray:
+    """The category half of user (or target) vectors (..., hidden_dim): their last `size` entries (the model's
+    cfg.category_size; default hidden_dim // 2, the size before `ModelConfig.category_dim`)."""
     vectors = np.asarray(vectors)
-    return vectors[..., vectors.shape[-1] - vectors.shape[-1] // 2:]
+    size = vectors.shape[-1] // 2 if size is None else size
+    return vectors[..., vectors.shape[-1] - size:]
 
 
 def category_codes(model) -> np.ndarray:
-    """(n_categories - 2, hidden_dim // 2) float64: the category half of the target vector of every real
+    """(n_categories - 2, cfg.category_size) float64: the category half of the target vector of every real
     category (vocabulary index 2.., an unknown item), as the pool sums them. Raises ValueError for models whose
     category half is not the pool alone (saved before `exact_categories`, or trained without it)."""
     cfg = model.cfg
@@ -50,13 +53,16 @@ def category_codes(model) -> np.ndarray:
     index = torch.arange(FIRST, cfg.n_categories, device=fe.category.weight.device)
     with torch.no_grad():
         target = fe.target(torch.ones_like(index), index)                  # item 1: the unknown item
-    return category_half(target.float().cpu().numpy()).astype(np.float64)
+    return category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64)
 
 
 def category_weights(vectors: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """(N, C) each user's category shares decoded from vectors (N, hidden_dim) with codes (C, hidden_dim // 2):
-    `shares` of the vectors' category halves."""
-    return shares(category_half(vectors), codes)
+    """(N, C) each user's category shares decoded from vectors (N, hidden_dim) with codes (C, d), d the size of
+    the category half: `shares` of the vectors' last d entries."""
+    vectors, d = np.asarray(vectors), np.shape(codes)[-1]
+    if vectors.shape[-1] <= d:
+        raise ValueError(f'vectors have {vectors.shape[-1]} floats: too few for a {d}-float category half beside an item half')
+    return shares(category_half(vectors, d), codes)
 
 
 def shares(sketches: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -75,6 +75,7 @@ ITEM_EMBEDDING_DIM = 64  # item table width (rows x this x 4 bytes, times 3 with
 CATEGORY_EMBEDDING_DIM = 64  # category table width
 WIDTH = 128  # model width after the feature projection (the MoE and tower width)
 HIDDEN_DIM = 128  # size of the exported user vector
+CATEGORY_DIM = 0  # entries of the vector's category half (its last ones; the rest is the item half); 0 = HIDDEN_DIM // 2
 DEPTH = 2  # Transformer layers per tower (seed 4: no better held out on the demo log, 1.6x slower)
 HEADS = 8  # attention heads per layer
 HEAD_DIM = 64  # width of each head
@@ -122,19 +123,19 @@ CHECKS = {
     **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
                      "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
                      "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
-    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_half_life", "item_category_weight"), ">= 0"),
+    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_dim", "category_half_life", "item_category_weight"), ">= 0"),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
 # Every constant is in exactly one of these two lists (_constants() checks): the settings that define the model
 # and data, which a checkpoint only resumes with unchanged, and those a resumed or repeated run may change.
 RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
-               "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "depth",
+               "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "category_dim", "depth",
                "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "category_half_life", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
             "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
             "item_category_weight", "no_redis", "progress")
-RESUME_SINCE = {"exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
+RESUME_SINCE = {"category_dim": 0, "exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
@@ -324,6 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for small, large in (("n_min", "n_max"), ("k_min", "k_max"), ("moe_activated", "moe_experts")):
         if getattr(cfg, small) > getattr(cfg, large):
             p.error(f"--{small} ({getattr(cfg, small)}) must not exceed --{large} ({getattr(cfg, large)})")
+    if cfg.category_dim >= cfg.hidden_dim:
+        p.error(f"--category_dim ({cfg.category_dim}) must be below --hidden_dim ({cfg.hidden_dim}): the rest of the "
+                f"vector is the item half (0: half of it)")
     if cfg.export_only and cfg.republish:
         p.error("--export_only and --republish exclude each other")
     return cfg
@@ -483,7 +487,8 @@ def build_model(cfg, vocab, sparse_item_grad: bool = True):
     mcfg = ModelConfig(n_items=vocab.n_items, n_categories=vocab.n_categories,
                        item_embedding_dim=cfg.item_embedding_dim, category_embedding_dim=cfg.category_embedding_dim,
                        width=cfg.width, depth=cfg.depth, heads=cfg.heads, head_dim=cfg.head_dim,
-                       hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, max_positions=max(cfg.n_max, cfg.k_max),
+                       hidden_dim=cfg.hidden_dim, category_dim=cfg.category_dim if target_head else 0,
+                       dropout=cfg.dropout, max_positions=max(cfg.n_max, cfg.k_max),
                        pooling=cfg.pooling, sparse_item_grad=sparse_item_grad,
                        target_head=target_head, skip_pool=cfg.skip_pool,
                        exact_categories=cfg.exact_categories and cfg.skip_pool,

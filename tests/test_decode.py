@@ -40,14 +40,19 @@ def test_zero_half_decodes_to_zero_and_sizes_must_match():
     _, codes, _ = planted(n_users=1)
     got = decode.category_weights(np.zeros((2, 64)), codes)
     assert got.shape == (2, 300) and not got.any()
-    with pytest.raises(ValueError, match="16-float category half, codes 32"):
+    with pytest.raises(ValueError, match="32 floats: too few for a 32-float category half"):
         decode.category_weights(np.ones((1, 32)), codes)
+    with pytest.raises(ValueError, match="16-float category half, codes 32"):
+        decode.shares(np.ones((1, 16)), codes)
 
 
-def _model(exact: bool, category_dim: int = 32, fixed: bool = False, half_life: float = 0.0) -> LongTermInterestModel:
+def _model(exact: bool, category_dim: int = 32, fixed: bool = False, half_life: float = 0.0,
+           half: int = 0) -> LongTermInterestModel:
+    """category_dim: the category embedding's size; half: ModelConfig.category_dim (0: 24 of the 48 floats)."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=category_dim,
-                      small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, dropout=0.0,
+                      small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, category_dim=half,
+                      dropout=0.0,
                       max_positions=16, exact_categories=exact, fixed_category_codes=fixed,
                       category_half_life=half_life)
     model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
@@ -74,13 +79,17 @@ def _batch(rows: list[list[int]], length: int = 12) -> dict:
 # 24 = the half: the LayerNorm before the square projection centres the codes, so an untrained model's span
 # only 23 directions (as the default 64-float half's do) and float32 noise off that span must not count
 # fixed: random codes (ModelConfig.fixed_category_codes), 38 of them in the 24-float half
-@pytest.mark.parametrize('category_dim, fixed', [(32, False), (24, False), (32, True)])
-def test_a_users_vector_decodes_to_the_categories_of_its_events(category_dim, fixed):
+# half: a category half of 32 or 40 of the 48 floats (ModelConfig.category_dim), the item half the other 16 or 8
+@pytest.mark.parametrize('category_dim, fixed, half', [(32, False, 0), (24, False, 0), (32, True, 0), (32, False, 32),
+                                                       (32, True, 40)])
+def test_a_users_vector_decodes_to_the_categories_of_its_events(category_dim, fixed, half):
     rows = [[5, 5, 9], [2, 7, 7, 7, 7, 30, 30, 2], [12], [39, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
-    model = _model(exact=True, category_dim=category_dim, fixed=fixed)
+    model = _model(exact=True, category_dim=category_dim, fixed=fixed, half=half)
     with torch.no_grad():
         vectors = model.encode(_batch(rows), 'long').numpy()
-    got = decode.category_weights(vectors, decode.category_codes(model))
+    codes = decode.category_codes(model)
+    assert codes.shape == (N_CATS - 2, half or 24)
+    got = decode.category_weights(vectors, codes)
     want = np.zeros((len(rows), N_CATS - 2))
     for i, r in enumerate(rows):       # the untrained pool weighs every event alike: shares are event counts
         for c in r:

@@ -242,6 +242,9 @@ def test_tiny_model_overfits_a_handful_of_users():
 def test_config_validation():
     with pytest.raises(ValueError, match='pooling'):
         tiny_cfg(pooling='max')
+    for bad in (-1, 8):                                           # the item half needs at least one float
+        with pytest.raises(ValueError, match=r'category_dim must be in \[0, hidden_dim = 8\)'):
+            tiny_cfg(category_dim=bad)
     with pytest.raises(ValueError, match='must equal'):
         LongTermInterestModel(tiny_cfg(), tiny_moe_cfg(dim=32))
     assert isinstance(LongTermInterestModel(tiny_cfg()).moe_layer, MoE)
@@ -288,17 +291,21 @@ def test_future_loss_is_per_user_cross_entropy_with_logq():
     torch.testing.assert_close(future_loss(u, c, pair_user, pair_cand, 0.5, log_q), want_q)
 
 
-def test_skip_pool_starts_as_the_pool_of_target_vectors():
+@pytest.mark.parametrize('category_dim', [0, 6])   # the category half: 4 (half) or 6 of the 8 floats
+def test_skip_pool_starts_as_the_pool_of_target_vectors(category_dim):
     """At init the [CLS] head is zero: the long vector is the mean of the events' target vectors - item
     halves over the known items only, category halves over every event, each normalised (mean_emb's recipe) -
     so the model starts where mean pooling is and the towers learn what it misses."""
     torch.manual_seed(10)
-    model = LongTermInterestModel(tiny_cfg(dropout=0.0), tiny_moe_cfg(dropout=0.0)).eval()
+    model = LongTermInterestModel(tiny_cfg(dropout=0.0, category_dim=category_dim), tiny_moe_cfg(dropout=0.0)).eval()
     b = make_batch([5, 3], 5)
     b['item'][0, :2] = 1                                                      # two unknown items
     with torch.no_grad():
         t = model.feature_embedding.target(b['item'], b['category'])          # (B, L, D)
-        h = t.shape[-1] - t.shape[-1] // 2
+        h = 8 - (category_dim or 4)                                           # where the item half ends
+        assert (model.cfg.item_size, model.cfg.category_size) == (h, 8 - h)
+        assert model.long_term.head.out_features == h                        # exact_categories: the item half
+        torch.testing.assert_close(t[..., :h].norm(dim=-1), b['mask'].float() * 2 ** -0.5)   # halves alike
         torch.testing.assert_close(t.norm(dim=-1), b['mask'].float())        # unit events, zero padding
 
         def mean(x, m):
@@ -310,17 +317,18 @@ def test_skip_pool_starts_as_the_pool_of_target_vectors():
         torch.testing.assert_close(cands, t[:, 0])
 
 
-def test_item_category_weight_scales_only_item_candidates_category_half():
+@pytest.mark.parametrize('category_dim', [0, 6])
+def test_item_category_weight_scales_only_item_candidates_category_half(category_dim):
     """Scoring items against a user vector u ranks by u_item . t_item + w * u_cat . t_cat (w =
     item_category_weight); category candidates (item = unknown) and the target vectors stay as trained."""
     torch.manual_seed(12)
-    model = LongTermInterestModel(tiny_cfg(item_category_weight=0.5), tiny_moe_cfg()).eval()
+    model = LongTermInterestModel(tiny_cfg(item_category_weight=0.5, category_dim=category_dim), tiny_moe_cfg()).eval()
     items = torch.tensor([[5], [6], [1], [7], [8]])
     batch = {'item': items, 'category': torch.tensor([[2], [3], [4], [3], [5]])}
     with torch.no_grad():
         t = model.feature_embedding.target(items[:, 0], batch['category'][:, 0])
         cands = model.candidate_vectors(batch)
-        h = t.shape[-1] - t.shape[-1] // 2
+        h = 8 - (category_dim or 4)
         torch.testing.assert_close(cands.norm(dim=-1), torch.ones(5))
         torch.testing.assert_close(cands[2], t[2])                       # a category candidate: unchanged
         item_rows = [0, 1, 3, 4]

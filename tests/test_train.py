@@ -445,6 +445,7 @@ def test_non_finite_numeric_flags_are_refused(flag, value, capsys):
     (["--n_min", "50", "--n_max", "20"], "--n_min"),
     (["--moe_activated", "9", "--moe_experts", "4"], "--moe_activated"),
     (["--val_fraction", "1.5"], "--val_fraction"),
+    (["--category_dim", "64", "--hidden_dim", "64"], "--category_dim (64) must be below --hidden_dim (64)"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -581,6 +582,12 @@ def test_config_saved_before_feature_norm_builds_the_old_model(trained):
     assert config["model"]["item_category_weight"] == train.ITEM_CATEGORY_WEIGHT < 1
     del config["model"]["item_category_weight"]
     assert model_io.build_model(config).cfg.item_category_weight == 1.0
+    # ... and split its vector into two equal halves
+    assert config["model"]["category_dim"] == train.CATEGORY_DIM
+    del config["model"]["category_dim"]
+    old = model_io.build_model(config)
+    assert old.cfg.category_size == old.cfg.item_size == config["model"]["hidden_dim"] // 2
+    assert old.feature_embedding.target_category.out_features == config["model"]["hidden_dim"] // 2
 
 
 def _split(user_ids, n_events=None, seed=7, test=0.1, val=0.1, evaluate=True):
