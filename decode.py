@@ -61,7 +61,8 @@ def category_weights(vectors: np.ndarray, codes: np.ndarray) -> np.ndarray:
     the category half: `shares` of the vectors' last d entries."""
     vectors, d = np.asarray(vectors), np.shape(codes)[-1]
     if vectors.shape[-1] <= d:
-        raise ValueError(f'vectors have {vectors.shape[-1]} floats: too few for a {d}-float category half beside an item half')
+        raise ValueError(f'vectors have {vectors.shape[-1]} floats: too few for a {d}-float category half '
+                         f'beside an item half')
     return shares(category_half(vectors, d), codes)
 
 

@@ -244,25 +244,34 @@ CAPACITY_TOP_DIMS = (64, 128)
 CAPACITY_K = 10                 # Recall@K / NDCG@K
 CAPACITY_SEED = 0
 CAPACITY_ROUND = 9              # scores are rounded to 1e-9 so float noise cannot break the popularity tie-break
+# the model's category half pools the last n_max events' category codes with weight 2 ** -(age in events / h)
+# (ModelConfig.category_half_life): those pooled shares exactly, and decoded from d random codes (categories only)
+CAPACITY_EVENT_HALF_LIVES = (10, 20, 30)
+CAPACITY_EVENT_DIMS = (64, 96, 128)
 
 
 def _capacity_profiles(seqs: data.Sequences, users: np.ndarray, kind: str, n_cand: int, cutoff: int,
-                       n_max: int, half_life_h: float):
-    """(counts, recency-weighted counts) of candidates 0..n_cand-1 (vocab index - 2) in each user's last n_max
-    history events, as CSR (len(users), n_cand); events of unknown / non-candidate ids are left out."""
+                       n_max: int, half_life_h: float, event_half_lives=()):
+    """(counts, recency-weighted counts, {h: event-recency-weighted counts}) of candidates 0..n_cand-1 (vocab
+    index - 2) in each user's last n_max history events, as CSR (len(users), n_cand); events of unknown /
+    non-candidate ids are left out. Recency: weight 2 ** -(hours before cutoff / half_life_h), user_freq's;
+    event recency: 2 ** -(events after this one in the user's history / h), the model's category-half pool."""
     from scipy import sparse
     s, e = seqs.part_bounds(users, 'all')
     pos, own = data.expand_ranges(np.maximum(s, e - n_max), e)
     cand = getattr(seqs, kind)[pos].astype(np.int64) - 2
     ok = (cand >= 0) & (cand < n_cand)
+    age = (e[own] - 1 - pos)[ok].astype(np.float64)                         # 0: the user's last event
     own, cand, pos = own[ok], cand[ok], pos[ok]
-    w = 0.5 ** ((cutoff - seqs.abs_hour[pos].astype(np.float64)) / half_life_h)
     shape = (len(users), n_cand)
-    counts = sparse.csr_matrix((np.ones(len(own)), (own, cand)), shape=shape)   # duplicates are summed
-    recency = sparse.csr_matrix((w, (own, cand)), shape=shape)
-    counts.sum_duplicates()
-    recency.sum_duplicates()
-    return counts, recency
+
+    def csr(weights):
+        m = sparse.csr_matrix((weights, (own, cand)), shape=shape)         # duplicates are summed
+        m.sum_duplicates()
+        return m
+    by_events = {h: csr(0.5 ** (age / h)) for h in event_half_lives}
+    hours = (cutoff - seqs.abs_hour[pos]).astype(np.float64)                # before the target day
+    return csr(np.ones(len(own))), csr(0.5 ** (hours / half_life_h)), by_events
 
 
 def _row_normalise(x):
@@ -311,10 +320,12 @@ def capacity_ranks(scores: np.ndarray, rel_user: np.ndarray, rel_cand: np.ndarra
     return evaluate._rank_all(lambda rows: s[rows], len(s), rel_user, rel_cand, priority)
 
 
-def _capacity_methods(dims, top_dims, counts_all, recency_all, rows, n_cand, priority, seed: int, kind: str):
+def _capacity_methods(dims, top_dims, counts_all, recency_all, rows, n_cand, priority, seed: int, kind: str,
+                      by_events=None, event_dims=()):
     """({(method, dim): score_fn(local rows) -> (rows, n_cand)}, SVD rank) of the oracles of one task.
     counts_all: every history user's counts (the SVD basis is fitted on them); recency_all: their recency-weighted
-    counts (user_freq's scores, which the decoded sketch stores); rows: the evaluated users'."""
+    counts (user_freq's scores, which the decoded sketch stores); rows: the evaluated users'; by_events: {h: their
+    event-recency-weighted counts} (categories: scored exactly, and decoded from each of event_dims floats)."""
     import decode   # torch: only here
     norm_all = _row_normalise(counts_all)
     tag = {'category': 0, 'item': 1}[kind]
@@ -335,12 +346,20 @@ def _capacity_methods(dims, top_dims, counts_all, recency_all, rows, n_cand, pri
             codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 3, d]))
             methods[('random code, decoded', d)] = (
                 lambda r, codes=codes: decode.shares(np.asarray(recency_all[rows[r]] @ codes, np.float32), codes))
+        for h, weighted in (by_events or {}).items():
+            methods[(f'event half-life {h:g}', None)] = lambda r, weighted=weighted: weighted[rows[r]].toarray()
+            for d in event_dims:
+                codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 4, d]))
+                methods[(f'event half-life {h:g}, decoded', d)] = (
+                    lambda r, codes=codes, weighted=weighted:
+                    decode.shares(np.asarray(weighted[rows[r]] @ codes, np.float32), codes))
     return methods, int(full.shape[1])
 
 
 def capacity_bounds(log_path, dims=CAPACITY_DIMS, n_max: int = data.N_MAX, seed: int = CAPACITY_SEED, *,
                     top_dims=CAPACITY_TOP_DIMS, k: int = CAPACITY_K, items: bool = True,
-                    max_items: int | None = None, progress: bool = False) -> dict:
+                    max_items: int | None = None, progress: bool = False,
+                    event_half_lives=CAPACITY_EVENT_HALF_LIVES, event_dims=CAPACITY_EVENT_DIMS) -> dict:
     """Next-day Recall@k / NDCG@k of user_freq, plain counts and d-dim oracle sketches of the users' counts.
 
     The split is train.py's: history = every event before the log's last day, target = that day; vocabulary
@@ -356,7 +375,11 @@ def capacity_bounds(log_path, dims=CAPACITY_DIMS, n_max: int = data.N_MAX, seed:
       - top-10 indicator d: u = (0/1 of the user's 10 most frequent candidates) @ R, R random codes;
       - random code, decoded d (categories only): u = user_freq's scores @ R in float32 (what an export holds),
         R random unit codes, scored by decode.shares(u, R): exact where the user's distinct categories are few
-        enough for d, so it equals user_freq there.
+        enough for d, so it equals user_freq there;
+      - event half-life h (categories): the shares the model's category half pools (weight 2 ** -(age / h), age in
+        events after this one, h in event_half_lives: ModelConfig.category_half_life; untrained pool logits),
+        exactly; and decoded from d floats (event_dims), the user's shares @ random unit codes, as above. What a
+        category half of d floats with that half-life can reach, whatever the training.
     Ties (after rounding scores to 1e-9) go to the more popular candidate (history counts), then a seeded
     random order. Deterministic for a given seed.
 
@@ -396,12 +419,13 @@ def capacity_bounds(log_path, dims=CAPACITY_DIMS, n_max: int = data.N_MAX, seed:
         pop = np.bincount(getattr(seqs, kind), minlength=n_cand + 2)[2:n_cand + 2].astype(np.float64)
         priority = np.empty(n_cand, np.int64)                                # popularity, then a seeded order
         priority[np.lexsort((np.random.default_rng([seed, 3]).permutation(n_cand), -pop))] = np.arange(n_cand)
-        counts_all, recency_all = _capacity_profiles(seqs, all_users, kind, n_cand, cutoff, n_max,
-                                                     evaluate.RECENCY_HALF_LIFE_H)
+        counts_all, recency_all, by_events = _capacity_profiles(
+            seqs, all_users, kind, n_cand, cutoff, n_max, evaluate.RECENCY_HALF_LIFE_H,
+            event_half_lives if kind == 'category' else ())
         methods = {('user_freq', None): lambda r: recency_all[users[r]].toarray(),
                    ('counts', None): lambda r: counts_all[users[r]].toarray()}
         oracles, svd_rank = _capacity_methods(dims, top_dims, counts_all, recency_all, users, n_cand, priority, seed,
-                                              kind)
+                                              kind, by_events, event_dims)
         methods.update(oracles)
         rows = []
         for (name, d), score in methods.items():
@@ -441,7 +465,9 @@ def capacity_markdown(results: dict[str, dict], header: dict) -> str:
            f'top-{CAPACITY_TOP} indicator d = random codes of the user\'s {CAPACITY_TOP} most frequent candidates '
            'only. random code, decoded d (categories): user = user_freq\'s scores @ random codes in float32, scored '
            'by decoding (decode.shares: the non-negative least-squares combination of the codes), not by a dot '
-           'product.', '']
+           'product. event half-life h (categories): the shares the model\'s category half pools (weight '
+           '2 ** -(age in events / h), `--category_half_life`), exactly (d –) and decoded from d floats of random '
+           'codes: what a category half of d floats can reach with that half-life.', '']
     for log, res in results.items():
         k = res['k']
         tasks = res['tasks']

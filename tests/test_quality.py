@@ -95,14 +95,19 @@ def _tiny_log(path, n_users=60, n_cats=30, seed=0):
 
 def test_capacity_svd_matches_counts_at_full_rank_and_loses_below(tmp_path):
     log = _tiny_log(tmp_path / 'tiny.csv')
-    res = quality.capacity_bounds(log, dims=(1, 64), top_dims=(8,), seed=0)
+    kw = dict(dims=(1, 64), top_dims=(8,), seed=0, event_half_lives=(10, float('inf')), event_dims=(1, 64))
+    res = quality.capacity_bounds(log, **kw)
     cat, item = res['tasks']['category'], res['tasks']['item']
     # categories: 30 < 60 users (basis from the category Gram); items: > 60 users (basis from the user Gram)
     assert cat['candidates'] == 30 and cat['users'] == 60 and cat['svd_rank'] == 30
     assert item['candidates'] > 64 and item['svd_rank'] == 60
     for task in (cat, item):
         rows = {(r['method'], r['dim']): r for r in task['rows']}
-        decoded = [('random code, decoded', 1), ('random code, decoded', 64)] if task is cat else []
+        decoded = [('random code, decoded', 1), ('random code, decoded', 64)]
+        for h in ('10', 'inf'):
+            decoded += [(f'event half-life {h}', None), (f'event half-life {h}, decoded', 1),
+                        (f'event half-life {h}, decoded', 64)]
+        decoded = decoded if task is cat else []
         assert list(rows) == [('user_freq', None), ('counts', None), ('random code', 1), ('random code', 64),
                               ('SVD', 1), ('SVD', 64), ('top-10 indicator', 8)] + decoded
         counts = rows[('counts', None)]
@@ -118,7 +123,12 @@ def test_capacity_svd_matches_counts_at_full_rank_and_loses_below(tmp_path):
     for m in ('recall@10', 'ndcg@10'):
         assert rows[('random code, decoded', 64)][m] == pytest.approx(rows[('user_freq', None)][m], abs=1e-12)
         assert rows[('random code, decoded', 1)][m] < rows[('user_freq', None)][m] - 0.05
-    again = quality.capacity_bounds(log, dims=(1, 64), top_dims=(8,), seed=0)       # seeded: the same numbers
+        # the model's pool: an endless half-life weighs every event alike (the counts); 64 floats decode it exactly
+        assert rows[('event half-life inf', None)][m] == pytest.approx(rows[('counts', None)][m], abs=1e-12)
+        exact = rows[('event half-life 10', None)][m]
+        assert rows[('event half-life 10, decoded', 64)][m] == pytest.approx(exact, abs=1e-12)
+        assert rows[('event half-life 10, decoded', 1)][m] < exact - 0.05
+    again = quality.capacity_bounds(log, **kw)                                      # seeded: the same numbers
     assert [t['rows'] for t in again['tasks'].values()] == [t['rows'] for t in res['tasks'].values()]
     text = quality.capacity_markdown({'tiny': res}, {'date': 'd', 'commit': 'c', 'command': 'python quality.py'})
     assert '| SVD | 64 | ' + format(cat['rows'][1]['recall@10'], '.3f') in text
