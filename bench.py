@@ -570,6 +570,56 @@ def bench_moe(args) -> None:
     RESULTS['moe'] = out
 
 
+
+# ----------------------------------------------------------------------------------------------
+# decode: users' category shares out of their vectors, in this process vs worker processes
+
+def _decode_problem(users: int, categories: int, dim: int = 64, per_user: int = 30, seed: int = 0):
+    """Random unit codes and sketches of `per_user` recency-weighted categories each (UserBehavior's users hold
+    ~18-30 recent categories)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    codes = rng.standard_normal((categories, dim))
+    codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+    weights = np.zeros((users, categories))
+    for row in weights:
+        row[rng.choice(categories, per_user, replace=False)] = 0.5 ** rng.uniform(0, 5, per_user)
+    return (weights @ codes).astype(np.float32), codes
+
+
+@section('decode', "decode.category_weights: users/s in this process vs default_workers() processes (identical "
+                   "shares)")
+def bench_decode(args) -> None:
+    import numpy as np
+    import decode
+    workers = decode.default_workers()
+    sizes = ((2000, 2758), (600, 9000)) if args.full else ((800, 2758),)   # UserBehavior's / Tianchi's categories
+    repeats = 2
+    rows, out = [], []
+    for users, categories in sizes:
+        sketches, codes = _decode_problem(users, categories)
+        times = {1: [], workers: []}
+        results = {}
+        for r in range(repeats):
+            for w in ((1, workers) if r % 2 == 0 else (workers, 1)):      # neither always runs first
+                t0 = time.perf_counter()
+                results[w] = decode.shares(sketches, codes, workers=w)
+                times[w].append(time.perf_counter() - t0)
+        same = bool(np.array_equal(results[1], results[workers]))
+        speedup = median([a / b for a, b in zip(times[1], times[workers])])
+        rows.append([f'{users:,}', f'{categories:,}', f'{users / median(times[1]):.0f}',
+                     f'{users / median(times[workers]):.0f}', str(workers), f'{speedup:.2f}x', 'yes' if same else 'NO'])
+        out.append({'users': users, 'categories': categories, 'serial_users_s': users / median(times[1]),
+                    'parallel_users_s': users / median(times[workers]), 'workers': workers, 'speedup': speedup,
+                    'identical': same})
+        if workers > 1 and args.full:   # at the real logs' sizes: below them a worker's start-up (1-2 s) weighs in
+            add_goal('decode', f'{workers} workers / 1, {users:,} users x {categories:,} categories', speedup,
+                     0.75 * workers, '>=', 'x')
+    print_table(f'decode.shares, 64-float category half, 30 categories per user, {repeats} repeats (median)',
+                ['users', 'categories', '1 process users/s', 'workers users/s', 'workers', 'speed-up', 'identical'],
+                rows)
+    RESULTS['decode'] = out
+
 # ----------------------------------------------------------------------------------------------
 # train / inference: triplets/s with the optimiser, MFU against a measured GEMM peak, export users/s
 

@@ -136,3 +136,15 @@ def test_noise_off_the_codes_span_is_ignored():
     codes = weak @ np.linalg.qr(rng.standard_normal((33, 33)))[0]
     got = decode.shares(((shares * 3.0) @ codes).astype(np.float32), codes)
     assert np.allclose(got, shares, atol=1e-6)
+
+
+def test_worker_processes_give_the_same_shares(monkeypatch):
+    vectors, codes, want = planted(n_users=40, seed=3)
+    vectors[5] = 0.0                                                 # a user with no events stays all-zero
+    monkeypatch.setattr(decode, 'PARALLEL_MIN_WORK', 0)              # small enough to run in this process otherwise
+    parallel = decode.category_weights(vectors, codes, workers=2, progress=True)
+    assert np.array_equal(parallel, decode.category_weights(vectors, codes))
+    assert not parallel[5].any()
+    assert np.allclose(np.delete(parallel, 5, 0), np.delete(want, 5, 0), atol=1e-6)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        decode.category_weights(vectors, codes, workers=0)
