@@ -369,7 +369,7 @@ class InterestTower(nn.Module):
             pooled = (x[:, 1:] * m).sum(1) / m.sum(1).clamp(min=1)
         v = self.head(pooled)                                               # (B, hidden_dim)
         if self.cfg.exact_categories:
-            v = F.pad(v, (0, self.cfg.category_size))                    # (B, hidden_dim): category half = pool
+            v = F.pad(v, (0, self.cfg.category_size))                      # (B, hidden_dim): category half = pool
         return F.normalize(v if skip is None else v + skip, dim=-1)
 
     def _pool(self, targets: Optional[torch.Tensor], recency: torch.Tensor, mask: torch.Tensor,

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from scipy.optimize import nnls
@@ -122,10 +124,17 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
             bar.update(1)
     else:   # spawn, not fork: the caller may hold torch's threads, which a forked child can deadlock on
         chunks = [c for c in np.array_split(rows, workers * CHUNKS_PER_WORKER) if len(c)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-            for chunk, solved in zip(chunks, pool.map(_solve, [a] * len(chunks), [ys[c] for c in chunks])):
-                out[chunk] = solved
-                bar.update(len(chunk))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+                for chunk, solved in zip(chunks, pool.map(_solve, [a] * len(chunks), [ys[c] for c in chunks])):
+                    out[chunk] = solved
+                    bar.update(len(chunk))
+        except (BrokenProcessPool, OSError) as e:   # e.g. no way to start processes here: the same, slower
+            warnings.warn(f'decode: worker processes failed ({type(e).__name__}: {e}); solving in this process')
+            bar.reset()
+            for i in rows:
+                out[i] = _solve(a, ys[i:i + 1])[0]
+                bar.update(1)
     bar.close()
     out[out < DROP * out.max(1, keepdims=True, initial=0.0)] = 0.0
     total = out.sum(1, keepdims=True)

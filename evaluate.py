@@ -472,7 +472,7 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
              groups: dict[str, np.ndarray], *, n_min: int = data.N_MIN, n_max: int = data.N_MAX,
              k_min: int = data.K_MIN, k_max: int = data.K_MAX, device='cpu', batch_size: int = inference.BATCH_SIZE,
              seed: int = 0, ks=KS, progress: bool = False, max_items: int = MAX_ITEMS,
-             max_reid_users: int = MAX_REID_USERS) -> dict:
+             max_reid_users: int = MAX_REID_USERS, decode_workers: int = 1) -> dict:
     """Every task for every group, ours beside each baseline.
 
     Args:
@@ -486,6 +486,9 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
         ks: cut-offs K of next-day Recall@K / NDCG@K.
         max_items: item candidates kept (the most frequent); the rest count as unrankable.
         max_reid_users: re-identification pool per group (a seeded sample of larger groups).
+        decode_workers: processes that decode the users' category shares (decode.shares; the same result for
+            any number): train.py and this module's command line pass decode.default_workers(); a script that
+            passes more than 1 needs the `if __name__ == '__main__':` guard, as the workers are spawned.
     Returns:
         JSON-serialisable {group: {task: {method: {metric: value}}}} (every row has 'users', the users it
         averages over) plus '_info': {'target_day', 'settings', 'counts': {group: {task: {...}}}}.
@@ -547,7 +550,7 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
     # models whose category half is the pool alone score categories by decoding it (decode.py), not by cosine
     decoded = {name: decode.category_weights(user_vectors[name],
                                              decode.category_half(cands['category']['vectors'][name][1], m.cfg.category_size),
-                                             workers=decode.default_workers(), progress=progress)
+                                             workers=decode_workers, progress=progress)
                for name, m in base_models.items() if getattr(m.cfg, 'exact_categories', False)}
     context = {'cands': cands, 'target': target, 'users': nd_users, 'user_vectors': user_vectors, 'decoded': decoded,
                'user_freq': _user_freq_fn(seqs, nd_users, cands, cutoff, n_max)}
@@ -666,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         idx = np.unique(idx[idx >= 0])
         groups = {'train': np.setdiff1d(np.arange(seqs.n_users), idx), 'heldout': idx}
     metrics = evaluate(model, seqs, target, vocab, groups, device=device, batch_size=args.batch_size,
-                       seed=args.seed, max_items=args.max_items, progress=args.progress, **lengths)
+                       seed=args.seed, max_items=args.max_items, progress=args.progress,
+                       decode_workers=decode.default_workers(), **lengths)
     print(format_table(metrics))
     if args.json:
         atomic_json_save(metrics, args.json)

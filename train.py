@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm
 
 import data
+import decode
 import demo_data
 import distributed
 import evaluate
@@ -1023,7 +1024,8 @@ def run_evaluation(cfg, model, seqs, target, vocab, train_users, test_users, his
         groups["heldout"] = test_users
     metrics = evaluate.evaluate(model, seqs, target, vocab, groups=groups, n_min=cfg.n_min, n_max=cfg.n_max,
                                 k_min=cfg.k_min, k_max=cfg.k_max, device=device,
-                                batch_size=cfg.export_batch_size, seed=cfg.seed, progress=cfg.progress)
+                                batch_size=cfg.export_batch_size, seed=cfg.seed, progress=cfg.progress,
+                                decode_workers=decode.default_workers())
     print(evaluate.format_table(metrics))
     users = np.concatenate(list(groups.values()))
     vectors = inference.compute_user_vectors(model, seqs, users, part="all", min_len=cfg.n_min, max_len=cfg.n_max,

@@ -148,3 +148,25 @@ def test_worker_processes_give_the_same_shares(monkeypatch):
     assert np.allclose(np.delete(parallel, 5, 0), np.delete(want, 5, 0), atol=1e-6)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         decode.category_weights(vectors, codes, workers=0)
+
+
+def test_failing_worker_processes_fall_back_to_this_process(monkeypatch):
+    vectors, codes, _ = planted(n_users=12, seed=4)
+
+    class NoProcesses:              # as where processes cannot start: the pool breaks on first use
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, *args):
+            raise decode.BrokenProcessPool('no processes here')
+    monkeypatch.setattr(decode, 'PARALLEL_MIN_WORK', 0)
+    monkeypatch.setattr(decode, 'ProcessPoolExecutor', NoProcesses)
+    with pytest.warns(UserWarning, match='worker processes failed .*solving in this process'):
+        got = decode.category_weights(vectors, codes, workers=2)
+    assert np.array_equal(got, decode.category_weights(vectors, codes))
