@@ -79,6 +79,11 @@ class ModelConfig:
             the learned recency logits; the item half keeps the learned logits alone). 0 = no prior. The learned
             logits barely move on small logs (Adam moves each by at most lr per step: ~0.05 in a UserBehavior
             run), so without a prior the pool stays a plain mean of the last N_MAX events.
+        category_top: with skip_pool, > 0 keeps only each user's `category_top` heaviest categories (by their
+            summed pool weight) in the category half; the rest of the events drop out of it. Non-negative least
+            squares recovers a sketch of few codes exactly, so the decoded ranking of those categories is exact
+            (`decode.py`), where a sketch of every recent category (UserBehavior: 18 in the median) blurs in 64
+            floats. 0 = every category.
         item_category_weight: with target_head, how much an item candidate's category half counts, relative to
             its item half, when `candidate_vectors` scores items (category candidates, item = unknown, are
             unchanged). 1 = the target vector as trained; below 1 the user's recent categories (the recency-
@@ -114,6 +119,7 @@ class ModelConfig:
     exact_categories: Optional[bool] = None
     fixed_category_codes: bool = False
     category_half_life: float = 0.0
+    category_top: int = 0
     item_category_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -135,6 +141,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.exact_categories keeps the pool alone in the category half: it needs skip_pool")
         if not self.category_half_life >= 0:
             raise ValueError(f"ModelConfig.category_half_life must be >= 0 (0: no recency prior), got {self.category_half_life}")
+        if self.category_top < 0:
+            raise ValueError(f"ModelConfig.category_top must be >= 0 (0: every category), got {self.category_top}")
         if not self.item_category_weight >= 0:
             raise ValueError(f"ModelConfig.item_category_weight must be >= 0 (0: item half alone), got {self.item_category_weight}")
         if self.fixed_category_codes and not self.target_head:
@@ -337,12 +345,13 @@ class InterestTower(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                known: Optional[torch.Tensor] = None) -> torch.Tensor:
+                known: Optional[torch.Tensor] = None, categories: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, width), mask (B, L) bool (right-padded) -> (B, hidden_dim) unit vectors.
 
         targets (B, L, hidden_dim): the events' target vectors (FeatureEmbedding.target), pooled into the
         output when cfg.skip_pool; known (B, L) bool: events whose item is known (not the shared unknown
-        row, which identifies nobody), the only ones pooled into the item half (default: all real events).
+        row, which identifies nobody), the only ones pooled into the item half (default: all real events);
+        categories (B, L) int64: the events' category ids, needed with cfg.category_top.
         Padding never changes the result: padded keys are masked out of attention (the [CLS] key never
         is, so no row is empty), recency depends only on the number of real events, and pooling reads
         only [CLS] or the real positions.
@@ -351,7 +360,7 @@ class InterestTower(nn.Module):
         mask = mask.to(torch.bool)
         n = mask.sum(1, keepdim=True)                                        # (B, 1) real events
         recency = (n - 1 - torch.arange(l, device=x.device)).clamp(0, self.cfg.max_positions - 1)   # (B, L)
-        skip = self._pool(targets, recency, mask, mask if known is None else known & mask) \
+        skip = self._pool(targets, recency, mask, mask if known is None else known & mask, categories) \
             if self.cfg.skip_pool else None                                 # (B, hidden_dim)
         x = (x + self.recency(recency)) * mask.unsqueeze(-1).to(x.dtype)
         x = torch.cat([self.cls.expand(b, 1, -1).to(x.dtype), x], dim=1)    # (B, 1+L, width)
@@ -373,9 +382,10 @@ class InterestTower(nn.Module):
         return F.normalize(v if skip is None else v + skip, dim=-1)
 
     def _pool(self, targets: Optional[torch.Tensor], recency: torch.Tensor, mask: torch.Tensor,
-              known: torch.Tensor) -> torch.Tensor:
+              known: torch.Tensor, categories: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Softmax-over-recency weighted means of the target vectors' item halves (events with known items)
-        and category halves (every real event), each normalised: (B, hidden_dim), norm <= 1."""
+        and category halves (every real event; with cfg.category_top only the events of the user's heaviest
+        categories), each normalised: (B, hidden_dim), norm <= 1."""
         if targets is None:
             raise ValueError("InterestTower with skip_pool needs the events' target vectors")
         logit = self.pool_logit(recency).squeeze(-1).float()                # (B, L)
@@ -384,8 +394,22 @@ class InterestTower(nn.Module):
         halves = []
         for part, m, lg in ((targets[..., :split], known, logit), (targets[..., split:], mask, cat_logit)):
             w = torch.softmax(lg.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
+            if m is mask and self.cfg.category_top:
+                w = w * self._top_categories(w, categories)
             halves.append(F.normalize(torch.einsum('bl,bld->bd', w.to(part.dtype), part), dim=-1))
         return torch.cat(halves, dim=-1) * 2 ** -0.5
+
+    def _top_categories(self, w: torch.Tensor, categories: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, L) 0/1: events whose category is among the user's cfg.category_top heaviest (summed weight w;
+        ties at the cut all stay); padding (weight 0) is 0."""
+        if categories is None:
+            raise ValueError("InterestTower with category_top needs the events' category ids")
+        with torch.no_grad():
+            total = torch.zeros(w.shape[0], self.cfg.n_categories, dtype=w.dtype, device=w.device)
+            total.scatter_add_(1, categories, w)                            # (B, n_categories)
+            cut = total.topk(min(self.cfg.category_top, total.shape[1]), dim=1).values[:, -1:]
+            own = total.gather(1, categories)                               # each event's category total
+            return ((own >= cut) & (own > 0)).to(w.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -506,7 +530,7 @@ class LongTermInterestModel(nn.Module):
         x = self.moe_layer(fe(batch), mask)
         targets = fe.target(batch['item'], batch['category']) if self.cfg.skip_pool else None
         known = batch['item'] > 1                                           # 1: the shared unknown item
-        return (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known)
+        return (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known, batch['category'])
 
     def candidate_vectors(self, batch: dict) -> torch.Tensor:
         """(C, hidden_dim) vectors of one-event candidate sequences (C, 1) to rank against long vectors:
@@ -543,7 +567,7 @@ class LongTermInterestModel(nn.Module):
         vectors = []
         for tower, b, m, x in zip((self.long_term, self.short_term), batches, masks, xs):
             targets = fe.target(b['item'], b['category']) if self.cfg.skip_pool else None
-            vectors.append(tower(x, m, targets, b['item'] > 1))
+            vectors.append(tower(x, m, targets, b['item'] > 1, b['category']))
         return vectors[0], vectors[1], cands
 
     def param_groups(self) -> tuple[list, list]:

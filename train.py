@@ -86,6 +86,7 @@ SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to
 EXACT_CATEGORIES = True  # with SKIP_POOL: the vector's category half is the pool alone, so decode.py reads the user's category shares back out of it (next-day categories are scored that way)
 ITEM_CATEGORY_WEIGHT = 0.5  # scoring next-day items against a user vector: the item candidate's category half counts this much relative to its item half (1: as trained; README: chosen on training users)
 CATEGORY_HALF_LIFE = 10.0  # with SKIP_POOL: the category half's pool weighs an event this many events older than the last half as much (0: the learned recency weights alone)
+CATEGORY_TOP = 0  # with SKIP_POOL: only each user's this many heaviest categories enter the vector's category half, so decode.py recovers them exactly (0: every category)
 FIXED_CATEGORY_CODES = False  # each category's code in the vector's category half is a fixed random unit vector, never trained (learned codes pull co-occurring categories together)
 # MoE
 MOE_EXPERTS = 100  # routed experts
@@ -124,19 +125,19 @@ CHECKS = {
     **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
                      "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
                      "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
-    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_dim", "category_half_life", "item_category_weight"), ">= 0"),
+    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_dim", "category_half_life", "category_top", "item_category_weight"), ">= 0"),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
 # Every constant is in exactly one of these two lists (_constants() checks): the settings that define the model
 # and data, which a checkpoint only resumes with unchanged, and those a resumed or repeated run may change.
 RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "category_dim", "depth",
-               "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "category_half_life", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
+               "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "category_half_life", "category_top", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
             "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
             "item_category_weight", "no_redis", "progress")
-RESUME_SINCE = {"category_dim": 0, "exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
+RESUME_SINCE = {"category_dim": 0, "exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0, "category_top": 0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
@@ -495,6 +496,7 @@ def build_model(cfg, vocab, sparse_item_grad: bool = True):
                        exact_categories=cfg.exact_categories and cfg.skip_pool,
                        fixed_category_codes=cfg.fixed_category_codes and target_head,
                        category_half_life=cfg.category_half_life if cfg.skip_pool else 0.0,
+                       category_top=cfg.category_top if cfg.skip_pool else 0,
                        item_category_weight=cfg.item_category_weight if target_head else 1.0)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,

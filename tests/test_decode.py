@@ -47,14 +47,14 @@ def test_zero_half_decodes_to_zero_and_sizes_must_match():
 
 
 def _model(exact: bool, category_dim: int = 32, fixed: bool = False, half_life: float = 0.0,
-           half: int = 0) -> LongTermInterestModel:
+           half: int = 0, top: int = 0) -> LongTermInterestModel:
     """category_dim: the category embedding's size; half: ModelConfig.category_dim (0: 24 of the 48 floats)."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=category_dim,
                       small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, category_dim=half,
                       dropout=0.0,
                       max_positions=16, exact_categories=exact, fixed_category_codes=fixed,
-                      category_half_life=half_life)
+                      category_half_life=half_life, category_top=top)
     model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
     with torch.no_grad():   # a trained-looking [CLS] head: it writes into the vector (the item half only, if exact)
         model.long_term.head.weight.normal_(0, 0.1)
@@ -170,3 +170,30 @@ def test_failing_worker_processes_fall_back_to_this_process(monkeypatch):
     with pytest.warns(UserWarning, match='worker processes failed .*solving in this process'):
         got = decode.category_weights(vectors, codes, workers=2)
     assert np.array_equal(got, decode.category_weights(vectors, codes))
+
+
+def test_category_top_keeps_only_each_users_heaviest_categories():
+    rows = [[5, 5, 9, 7, 7, 7, 30], [2, 7, 7, 30, 30, 2], [12], [39, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]]
+    model = _model(exact=True, top=2)
+    with torch.no_grad():
+        vectors = model.encode(_batch(rows), 'long').numpy()
+        longer = model.encode(_batch(rows, length=20), 'long').numpy()          # more padding: the same vectors
+        plain = _model(exact=True).encode(_batch(rows), 'long').numpy()
+    np.testing.assert_allclose(longer, vectors, atol=1e-6)
+    got = decode.category_weights(vectors, decode.category_codes(model))
+    want = np.zeros((len(rows), N_CATS - 2))
+    # untrained pool weights are alike: the two most frequent categories keep their shares; ties at the cut all stay
+    for i, kept in enumerate([{7: 3, 5: 2}, {2: 2, 7: 2, 30: 2}, {12: 1}, {3: 11, 39: 1}]):
+        for c, n in kept.items():
+            want[i, c - decode.FIRST] = n / sum(kept.values())
+    assert np.allclose(got, want, atol=1e-4)
+    # the item half does not change (the vector is renormalised as a whole)
+    split = model.cfg.item_size
+    item = lambda v: v[:, :split] / np.linalg.norm(v[:, :split], axis=1, keepdims=True)
+    assert np.allclose(item(vectors), item(plain), atol=1e-5)
+    with pytest.raises(ValueError, match="category_top must be >= 0"):
+        ModelConfig(n_items=5, n_categories=5, category_top=-1)
+    with pytest.raises(ValueError, match="needs the events' category ids"):
+        b = _batch(rows)
+        x = model.moe_layer(model.feature_embedding(b), b['mask'])
+        model.long_term(x, b['mask'], model.feature_embedding.target(b['item'], b['category']))
