@@ -85,8 +85,8 @@ POOLING = "cls"  # cls | mean: how a tower turns the sequence into one vector
 SKIP_POOL = True  # add a recency-weighted pool of the events' target vectors to the tower output (the vector starts as pooling)
 EXACT_CATEGORIES = True  # with SKIP_POOL: the vector's category half is the pool alone, so decode.py reads the user's category shares back out of it (next-day categories are scored that way)
 ITEM_CATEGORY_WEIGHT = 0.5  # scoring next-day items against a user vector: the item candidate's category half counts this much relative to its item half (1: as trained; README: chosen on training users)
-CATEGORY_HALF_LIFE = 10.0  # with SKIP_POOL: the category half's pool weighs an event this many events older than the last half as much (0: the learned recency weights alone)
-CATEGORY_TOP = 0  # with SKIP_POOL: only each user's this many heaviest categories enter the vector's category half, so decode.py recovers them exactly (0: every category)
+CATEGORY_HALF_LIFE = 30.0  # with SKIP_POOL: the category half's pool weighs an event this many events older than the last half as much (0: the learned recency weights alone)
+CATEGORY_TOP = 10  # with SKIP_POOL: only each user's this many heaviest categories enter the vector's category half, so decode.py recovers them exactly (0: every category)
 FIXED_CATEGORY_CODES = False  # each category's code in the vector's category half is a fixed random unit vector, never trained (learned codes pull co-occurring categories together)
 # MoE
 MOE_EXPERTS = 100  # routed experts
