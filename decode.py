@@ -5,11 +5,12 @@ With `ModelConfig.exact_categories` (the default), the category half of a user v
 `cfg.category_size` entries: `ModelConfig.category_dim`, half of them by default) is the pool alone: the
 normalised sum, over the user's recent events, of each event's category code (the category half of
 `FeatureEmbedding.target`) times a recency weight (learned, times 2 ** -(age / category_half_life)
-with `ModelConfig.category_half_life`, the default). That is a non-negative combination of a few of
-the many codes, so non-negative least squares over the codes recovers each category's pooled weight - exactly
-while the user's recent categories are few for the half's size (64 floats carry the demo log's users, whose
-last 100 events hold 6 categories in the median), approximately beyond. A dot product with the codes (cosine
-scoring) can only blur those weights: `quality.py --capacity` measures both.
+with `ModelConfig.category_half_life`, the default), over the events of the user's `ModelConfig.category_top`
+heaviest categories only (10 by default; 0: all). That is a non-negative combination of a few of the many codes,
+so non-negative least squares over the codes recovers each category's pooled weight - exactly while the
+categories in the sketch are few for the half's size (64 floats carry 10 of them; with every recent category
+in the sketch, UserBehavior's users have 18 in the median, and decoding blurs), approximately beyond. A dot
+product with the codes (cosine scoring) can only blur those weights: `quality.py --capacity` measures both.
 
     import decode, model_io
     model, vocab, _ = model_io.load_model('saved_models')
