@@ -69,15 +69,15 @@ def category_codes(model) -> np.ndarray:
     return category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64)
 
 
-def category_weights(vectors: np.ndarray, codes: np.ndarray, *, workers: int = 1,
-                     progress: bool = False) -> np.ndarray:
+def category_weights(vectors: np.ndarray, codes: np.ndarray, *, workers: int = 1, progress: bool = False,
+                     desc: str = 'decoding categories') -> np.ndarray:
     """(N, C) each user's category shares decoded from vectors (N, hidden_dim) with codes (C, d), d the size of
-    the category half: `shares` of the vectors' last d entries (workers, progress: as there)."""
+    the category half: `shares` of the vectors' last d entries (workers, progress, desc: as there)."""
     vectors, d = np.asarray(vectors), np.shape(codes)[-1]
     if vectors.shape[-1] <= d:
         raise ValueError(f'vectors have {vectors.shape[-1]} floats: too few for a {d}-float category half '
                          f'beside an item half')
-    return shares(category_half(vectors, d), codes, workers=workers, progress=progress)
+    return shares(category_half(vectors, d), codes, workers=workers, progress=progress, desc=desc)
 
 
 def default_workers() -> int:
@@ -94,7 +94,8 @@ def _solve(a: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return np.stack([nnls(a, y, maxiter=20 * a.shape[1])[0] for y in ys]) if len(ys) else np.zeros((0, a.shape[1]))
 
 
-def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progress: bool = False) -> np.ndarray:
+def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progress: bool = False,
+           desc: str = 'decoding categories') -> np.ndarray:
     """(N, C) the non-negative least-squares solution w of codes.T @ w = sketch for each of sketches (N, d),
     codes (C, d), scaled to sum 1 (all-zero for an all-zero sketch: a user with no events). Exact when the
     sketch is a non-negative combination of few enough codes; otherwise the closest such combination.
@@ -103,7 +104,7 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
     more. workers > 1 spreads them over that many processes (default_workers(): the CPUs, at most MAX_WORKERS)
     when there are at least PARALLEL_MIN_WORK sketches x categories; the result does not depend on it. The
     workers are spawned, so a script that calls this with workers > 1 needs the `if __name__ == '__main__':`
-    guard (a notebook does not). progress: a progress bar over the sketches."""
+    guard (a notebook does not). progress: a progress bar over the sketches, labelled desc."""
     sketches = np.asarray(sketches, np.float64)
     codes = np.asarray(codes, np.float64)
     if sketches.shape[-1] != codes.shape[-1]:
@@ -118,7 +119,7 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
     out = np.zeros((len(sketches), len(codes)))
     if workers < 1:
         raise ValueError(f'workers must be >= 1, got {workers}')
-    bar = tqdm(total=len(rows), desc='decoding categories', unit='user', disable=not progress)
+    bar = tqdm(total=len(rows), desc=desc, unit='user', disable=not progress)
     if workers == 1 or len(rows) * len(codes) < PARALLEL_MIN_WORK:
         for i in rows:
             out[i] = _solve(a, ys[i:i + 1])[0]
