@@ -392,9 +392,10 @@ class InterestTower(nn.Module):
         cat_logit = logit - math.log(2) / self.cfg.category_half_life * recency if self.cfg.category_half_life else logit
         split = self.cfg.item_size
         halves = []
-        for part, m, lg in ((targets[..., :split], known, logit), (targets[..., split:], mask, cat_logit)):
+        for part, m, lg, top in ((targets[..., :split], known, logit, 0),
+                                 (targets[..., split:], mask, cat_logit, self.cfg.category_top)):
             w = torch.softmax(lg.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
-            if m is mask and self.cfg.category_top:
+            if top:
                 w = w * self._top_categories(w, categories)
             halves.append(F.normalize(torch.einsum('bl,bld->bd', w.to(part.dtype), part), dim=-1))
         return torch.cat(halves, dim=-1) * 2 ** -0.5

@@ -193,6 +193,14 @@ def test_category_top_keeps_only_each_users_heaviest_categories():
     assert np.allclose(item(vectors), item(plain), atol=1e-5)
     with pytest.raises(ValueError, match="category_top must be >= 0"):
         ModelConfig(n_items=5, n_categories=5, category_top=-1)
+    # a tower called without `known` pools every event into the item half: category_top still leaves it alone
+    with torch.no_grad():
+        b = _batch(rows)
+        x = model.moe_layer(model.feature_embedding(b), b['mask'])
+        t = model.feature_embedding.target(b['item'], b['category'])
+        alone = model.long_term(x, b['mask'], t, None, b['category']).numpy()
+        every = _model(exact=True).long_term(x, b['mask'], t, None, b['category']).numpy()
+    assert np.allclose(item(alone), item(every), atol=1e-5)
     with pytest.raises(ValueError, match="needs the events' category ids"):
         b = _batch(rows)
         x = model.moe_layer(model.feature_embedding(b), b['mask'])
