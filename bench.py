@@ -570,7 +570,6 @@ def bench_moe(args) -> None:
     RESULTS['moe'] = out
 
 
-
 # ----------------------------------------------------------------------------------------------
 # decode: users' category shares out of their vectors, in this process vs worker processes
 
@@ -619,6 +618,7 @@ def bench_decode(args) -> None:
                 ['users', 'categories', '1 process users/s', 'workers users/s', 'workers', 'speed-up', 'identical'],
                 rows)
     RESULTS['decode'] = out
+
 
 # ----------------------------------------------------------------------------------------------
 # train / inference: triplets/s with the optimiser, MFU against a measured GEMM peak, export users/s

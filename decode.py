@@ -90,8 +90,8 @@ def default_workers() -> int:
 
 
 def _solve(a: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """(len(ys), C) the non-negative least-squares solution w of a @ w = y for each row y of ys."""
-    return np.stack([nnls(a, y, maxiter=20 * a.shape[1])[0] for y in ys]) if len(ys) else np.zeros((0, a.shape[1]))
+    """(len(ys), C) the non-negative least-squares solution w of a @ w = y for each row y of ys (len(ys) >= 1)."""
+    return np.stack([nnls(a, y, maxiter=20 * a.shape[1])[0] for y in ys])
 
 
 def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progress: bool = False,
@@ -105,6 +105,8 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
     when there are at least PARALLEL_MIN_WORK sketches x categories; the result does not depend on it. The
     workers are spawned, so a script that calls this with workers > 1 needs the `if __name__ == '__main__':`
     guard (a notebook does not). progress: a progress bar over the sketches, labelled desc."""
+    if workers < 1:
+        raise ValueError(f'workers must be >= 1, got {workers}')
     sketches = np.asarray(sketches, np.float64)
     codes = np.asarray(codes, np.float64)
     if sketches.shape[-1] != codes.shape[-1]:
@@ -117,14 +119,9 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
     ys = sketches @ basis                                                   # (N, r)
     rows = np.flatnonzero(np.any(ys != 0, axis=1))                         # all-zero sketches stay zero
     out = np.zeros((len(sketches), len(codes)))
-    if workers < 1:
-        raise ValueError(f'workers must be >= 1, got {workers}')
     bar = tqdm(total=len(rows), desc=desc, unit='user', disable=not progress)
-    if workers == 1 or len(rows) * len(codes) < PARALLEL_MIN_WORK:
-        for i in rows:
-            out[i] = _solve(a, ys[i:i + 1])[0]
-            bar.update(1)
-    else:   # spawn, not fork: the caller may hold torch's threads, which a forked child can deadlock on
+    in_workers = workers > 1 and len(rows) * len(codes) >= PARALLEL_MIN_WORK
+    if in_workers:   # spawn, not fork: the caller may hold torch's threads, which a forked child can deadlock on
         chunks = [c for c in np.array_split(rows, workers * CHUNKS_PER_WORKER) if len(c)]
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
@@ -134,9 +131,11 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
         except (BrokenProcessPool, OSError) as e:   # e.g. no way to start processes here: the same, slower
             warnings.warn(f'decode: worker processes failed ({type(e).__name__}: {e}); solving in this process')
             bar.reset()
-            for i in rows:
-                out[i] = _solve(a, ys[i:i + 1])[0]
-                bar.update(1)
+            in_workers = False
+    if not in_workers:
+        for i in rows:
+            out[i] = _solve(a, ys[i:i + 1])[0]
+            bar.update(1)
     bar.close()
     out[out < DROP * out.max(1, keepdims=True, initial=0.0)] = 0.0
     total = out.sum(1, keepdims=True)

@@ -346,10 +346,10 @@ def _capacity_methods(dims, top_dims, counts_all, recency_all, rows, n_cand, pri
             codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 3, d]))
             methods[('random code, decoded', d)] = (
                 lambda r, codes=codes: decode.shares(np.asarray(recency_all[rows[r]] @ codes, np.float32), codes))
+        event_codes = {d: random_codes(n_cand, d, np.random.default_rng([seed, tag, 4, d])) for d in event_dims}
         for h, weighted in (by_events or {}).items():
             methods[(f'event half-life {h:g}', None)] = lambda r, weighted=weighted: weighted[rows[r]].toarray()
-            for d in event_dims:
-                codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 4, d]))
+            for d, codes in event_codes.items():
                 methods[(f'event half-life {h:g}, decoded', d)] = (
                     lambda r, codes=codes, weighted=weighted:
                     decode.shares(np.asarray(weighted[rows[r]] @ codes, np.float32), codes))
