@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from DeepSeekMoE import MoE, MoEConfig
 
 N_WEEKDAY, N_HOUR, N_WEEKEND, N_BEHAVIOR = 8, 25, 3, 5    # table sizes incl. padding index 0
+UNKNOWN_ITEM = 1  # the item row shared by rare items (data.UNKNOWN); it identifies nobody, so pools leave it out
 
 
 @dataclass
@@ -530,7 +531,7 @@ class LongTermInterestModel(nn.Module):
         fe = self.feature_embedding
         x = self.moe_layer(fe(batch), mask)
         targets = fe.target(batch['item'], batch['category']) if self.cfg.skip_pool else None
-        known = batch['item'] > 1                                           # 1: the shared unknown item
+        known = batch['item'] > UNKNOWN_ITEM
         return (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known, batch['category'])
 
     def candidate_vectors(self, batch: dict) -> torch.Tensor:
@@ -547,7 +548,7 @@ class LongTermInterestModel(nn.Module):
         if gamma == 1.0:
             return vectors
         split = self.cfg.item_size
-        is_item = (item > 1).unsqueeze(-1)                                   # 0 padding, 1 unknown (a category)
+        is_item = (item > UNKNOWN_ITEM).unsqueeze(-1)                        # padding, or unknown (a category)
         weighted = torch.cat([vectors[:, :split], vectors[:, split:] * gamma], dim=-1)
         return torch.where(is_item, F.normalize(weighted, dim=-1), vectors)
 
@@ -568,7 +569,7 @@ class LongTermInterestModel(nn.Module):
         vectors = []
         for tower, b, m, x in zip((self.long_term, self.short_term), batches, masks, xs):
             targets = fe.target(b['item'], b['category']) if self.cfg.skip_pool else None
-            vectors.append(tower(x, m, targets, b['item'] > 1, b['category']))
+            vectors.append(tower(x, m, targets, b['item'] > UNKNOWN_ITEM, b['category']))
         return vectors[0], vectors[1], cands
 
     def param_groups(self) -> tuple[list, list]:

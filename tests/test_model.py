@@ -291,6 +291,12 @@ def test_future_loss_is_per_user_cross_entropy_with_logq():
     torch.testing.assert_close(future_loss(u, c, pair_user, pair_cand, 0.5, log_q), want_q)
 
 
+def test_the_model_leaves_out_the_same_unknown_row_that_data_encodes_rare_items_to():
+    import data
+    import LongTermInterestModel as ltm
+    assert ltm.UNKNOWN_ITEM == data.UNKNOWN
+
+
 @pytest.mark.parametrize('category_dim', [0, 6])   # the category half: 4 (half) or 6 of the 8 floats
 def test_skip_pool_starts_as_the_pool_of_target_vectors(category_dim):
     """At init the [CLS] head is zero: the long vector is the mean of the events' target vectors - item
