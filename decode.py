@@ -35,7 +35,13 @@ from scipy.optimize import nnls
 from tqdm.auto import tqdm
 
 FIRST = 2           # vocabulary index of the first real category (0: padding, 1: unknown)
-DROP = 1e-6         # decoded weights below this share of a row's largest are solver noise: set to 0
+# decoded weights below this share of a row's largest are float noise: set to 0, so the categories a user never
+# had tie at 0 (rankings break the tie by popularity, as user_freq does). Sketches are float32 (error ~6e-8), and a
+# direction the codes span only weakly (trained codes keep a trace, ~1e-4 of the largest singular value, of the one
+# the LayerNorm centres away) amplifies it up to 1 / SPAN: up to ~6e-4 (measured on trained demo models: up to 5e-5).
+# At the defaults a real share is >= ~2.3e-3 of the largest: one event, the oldest of 100 (weight 2 ** (-99 / 30) of
+# the newest), against all 100 (total ~44)
+DROP = 1e-3
 ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder equal weights
 SPAN = 1e-4         # directions where the codes' singular value is below this share of the largest do not count
 # below this many sketches x categories (~10 s of solving) everything is solved in this process: a worker's start-up

@@ -138,6 +138,21 @@ def test_noise_off_the_codes_span_is_ignored():
     assert np.allclose(got, shares, atol=1e-6)
 
 
+def test_float_noise_along_a_weakly_spanned_direction_is_dropped():
+    """Trained codes keep a trace (~1e-4 of the largest singular value, above SPAN) of the direction their LayerNorm
+    centres away. Float32 rounding along it decodes to tiny weights on categories the user never had, which would
+    outrank the popularity tie-break; decoding returns exactly the user's categories instead."""
+    _, codes, shares = planted(n_users=100, n_codes=200, dim=48, support=4, seed=7)
+    rng = np.random.default_rng(8)
+    weak = np.concatenate([codes, 1e-4 * rng.standard_normal((len(codes), 1))], 1)
+    codes = weak @ np.linalg.qr(rng.standard_normal((49, 49)))[0]
+    sv = np.linalg.svd(codes, compute_uv=False)
+    assert decode.SPAN < sv[-1] / sv[0] < 1e-2                        # the direction counts: it is kept
+    got = decode.shares((shares @ codes).astype(np.float32), codes)
+    assert ((got > 0) == (shares > 0)).all()
+    assert np.allclose(got, shares, atol=1e-4)
+
+
 def test_worker_processes_give_the_same_shares(monkeypatch):
     vectors, codes, want = planted(n_users=40, seed=3)
     vectors[5] = 0.0                                                 # a user with no events stays all-zero
