@@ -35,13 +35,16 @@ from scipy.optimize import nnls
 from tqdm.auto import tqdm
 
 FIRST = 2           # vocabulary index of the first real category (0: padding, 1: unknown)
-# decoded weights below this share of a row's largest are float noise: set to 0, so the categories a user never
-# had tie at 0 (rankings break the tie by popularity, as user_freq does). Sketches are float32 (error ~6e-8), and a
-# direction the codes span only weakly (trained codes keep a trace, ~1e-4 of the largest singular value, of the one
-# the LayerNorm centres away) amplifies it up to 1 / SPAN: up to ~6e-4 (measured on trained demo models: up to 5e-5).
-# At the defaults a real share is >= ~2.3e-3 of the largest: one event, the oldest of 100 (weight 2 ** (-99 / 30) of
-# the newest), against all 100 (total ~44)
-DROP = 1e-3
+# Decoded weights below a noise floor (a share of the row's largest) are set to 0, so the categories a user never had
+# tie at 0 and rankings break the tie by popularity, as user_freq does. The floor is DROP, or the float32 rounding of the
+# vectors (ROUNDOFF: the model exports float32, and JSON in Redis keeps float32's digits) amplified by the codes'
+# conditioning (largest / smallest kept singular value), whichever is larger. Trained codes keep a trace (~1e-4 of the
+# largest singular value, above SPAN) of the direction their LayerNorm centres away: the floor is then ~5e-4, where
+# trained demo models' noise reached 5e-5 (~20 such weights per user, which outranked the popularity tie-break); real
+# shares at the defaults are >= ~2.3e-3 of the largest (the oldest of 100 events, 2 ** (-99 / 30) of the newest,
+# against all 100). Well-conditioned codes keep DROP, so tiny real shares (long half-lives in hours) survive.
+DROP = 1e-6
+ROUNDOFF = 2.0 ** -24
 ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder equal weights
 SPAN = 1e-4         # directions where the codes' singular value is below this share of the largest do not count
 # below this many sketches x categories (~10 s of solving) everything is solved in this process: a worker's start-up
@@ -120,7 +123,9 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
     # solve inside the span of the codes: an untrained model's codes, for one, span only d - 1 directions (the
     # LayerNorm before the projection centres them), and float32 noise off that span would need huge weights
     u, sv, _ = np.linalg.svd(codes.T, full_matrices=False)
-    basis = u[:, sv > SPAN * sv.max(initial=0.0)]                           # (d, r)
+    kept = sv > SPAN * sv.max(initial=0.0)
+    basis = u[:, kept]                                                      # (d, r)
+    floor = max(DROP, ROUNDOFF * sv.max() / sv[kept].min()) if kept.any() else DROP
     a = np.ascontiguousarray(basis.T @ codes.T)                             # (r, C)
     ys = sketches @ basis                                                   # (N, r)
     rows = np.flatnonzero(np.any(ys != 0, axis=1))                         # all-zero sketches stay zero
@@ -143,6 +148,6 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
             out[i] = _solve(a, ys[i:i + 1])[0]
             bar.update(1)
     bar.close()
-    out[out < DROP * out.max(1, keepdims=True, initial=0.0)] = 0.0
+    out[out < floor * out.max(1, keepdims=True, initial=0.0)] = 0.0
     total = out.sum(1, keepdims=True)
     return np.round(np.divide(out, total, out=np.zeros_like(out), where=total > 0), ROUND)

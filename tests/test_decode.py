@@ -153,6 +153,17 @@ def test_float_noise_along_a_weakly_spanned_direction_is_dropped():
     assert np.allclose(got, shares, atol=1e-4)
 
 
+def test_tiny_real_shares_survive_well_conditioned_codes():
+    """The noise floor follows the codes' conditioning: with well-spread codes a category weighing 1e-4 of the user's
+    largest (an old event under a short half-life) is still decoded, ahead of the categories the user never had."""
+    _, codes, shares = planted(n_users=60, n_codes=200, dim=48, support=4, seed=9)
+    for row in shares:
+        row[np.flatnonzero(row)[0]] = 1e-4 * row.max()
+    shares /= shares.sum(1, keepdims=True)
+    got = decode.shares((shares @ codes).astype(np.float32), codes)
+    assert ((got > 0) == (shares > 0)).all()
+
+
 def test_worker_processes_give_the_same_shares(monkeypatch):
     vectors, codes, want = planted(n_users=40, seed=3)
     vectors[5] = 0.0                                                 # a user with no events stays all-zero
