@@ -342,17 +342,16 @@ def _capacity_methods(dims, top_dims, counts_all, recency_all, rows, n_cand, pri
         methods[(f'top-{CAPACITY_TOP} indicator', d)] = (
             lambda r, codes=codes: (top_indicator(counts_all[rows[r]], CAPACITY_TOP, priority) @ codes) @ codes.T)
     if kind == 'category':   # decoding, not a dot product: the sketch's non-negative least-squares solution
+        def decoded(weighted, codes):   # the users' weights stored in d float32s with codes, then decoded
+            return lambda r: decode.shares(np.asarray(weighted[rows[r]] @ codes, np.float32), codes)
         for d in dims:
             codes = random_codes(n_cand, d, np.random.default_rng([seed, tag, 3, d]))
-            methods[('random code, decoded', d)] = (
-                lambda r, codes=codes: decode.shares(np.asarray(recency_all[rows[r]] @ codes, np.float32), codes))
+            methods[('random code, decoded', d)] = decoded(recency_all, codes)
         event_codes = {d: random_codes(n_cand, d, np.random.default_rng([seed, tag, 4, d])) for d in event_dims}
         for h, weighted in (by_events or {}).items():
             methods[(f'event half-life {h:g}', None)] = lambda r, weighted=weighted: weighted[rows[r]].toarray()
             for d, codes in event_codes.items():
-                methods[(f'event half-life {h:g}, decoded', d)] = (
-                    lambda r, codes=codes, weighted=weighted:
-                    decode.shares(np.asarray(weighted[rows[r]] @ codes, np.float32), codes))
+                methods[(f'event half-life {h:g}, decoded', d)] = decoded(weighted, codes)
     return methods, int(full.shape[1])
 
 

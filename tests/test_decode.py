@@ -24,6 +24,14 @@ def planted(n_users=200, n_codes=300, dim=32, support=4, seed=0):
     return vectors, codes, w / w.sum(1, keepdims=True)
 
 
+def with_weak_direction(codes, scale, seed):
+    """codes (C, d) plus one more direction with entries ~ scale (a trace of it, as a LayerNorm leaves), all turned
+    by a random rotation so that direction is no axis: (C, d + 1)."""
+    rng = np.random.default_rng(seed)
+    weak = np.concatenate([codes, scale * rng.standard_normal((len(codes), 1))], 1)
+    return weak @ np.linalg.qr(rng.standard_normal((weak.shape[1], weak.shape[1])))[0]
+
+
 def test_sparse_shares_are_recovered_where_cosine_blurs_them():
     vectors, codes, shares = planted()
     got = decode.category_weights(vectors, codes)
@@ -131,9 +139,7 @@ def test_noise_off_the_codes_span_is_ignored():
     # codes that all but lack one direction (singular value 1e-7: an untrained model's, whose LayerNorm centres
     # them), turned so it is no axis; a float32 sketch has rounding noise along it, which must not count
     vectors, codes, shares = planted(dim=32)
-    rng = np.random.default_rng(5)
-    weak = np.concatenate([codes, 1e-7 * rng.standard_normal((len(codes), 1))], 1)
-    codes = weak @ np.linalg.qr(rng.standard_normal((33, 33)))[0]
+    codes = with_weak_direction(codes, 1e-7, seed=5)
     got = decode.shares(((shares * 3.0) @ codes).astype(np.float32), codes)
     assert np.allclose(got, shares, atol=1e-6)
 
@@ -143,9 +149,7 @@ def test_float_noise_along_a_weakly_spanned_direction_is_dropped():
     centres away. Float32 rounding along it decodes to tiny weights on categories the user never had, which would
     outrank the popularity tie-break; decoding returns exactly the user's categories instead."""
     _, codes, shares = planted(n_users=100, n_codes=200, dim=48, support=4, seed=7)
-    rng = np.random.default_rng(8)
-    weak = np.concatenate([codes, 1e-4 * rng.standard_normal((len(codes), 1))], 1)
-    codes = weak @ np.linalg.qr(rng.standard_normal((49, 49)))[0]
+    codes = with_weak_direction(codes, 1e-4, seed=8)
     sv = np.linalg.svd(codes, compute_uv=False)
     assert decode.SPAN < sv[-1] / sv[0] < 1e-2                        # the direction counts: it is kept
     got = decode.shares((shares @ codes).astype(np.float32), codes)
@@ -228,6 +232,4 @@ def test_category_top_keeps_only_each_users_heaviest_categories():
         every = _model(exact=True).long_term(x, b['mask'], t, None, b['category']).numpy()
     assert np.allclose(item(alone), item(every), atol=1e-5)
     with pytest.raises(ValueError, match="needs the events' category ids"):
-        b = _batch(rows)
-        x = model.moe_layer(model.feature_embedding(b), b['mask'])
-        model.long_term(x, b['mask'], model.feature_embedding.target(b['item'], b['category']))
+        model.long_term(x, b['mask'], t)
