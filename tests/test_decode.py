@@ -168,6 +168,39 @@ def test_tiny_real_shares_survive_well_conditioned_codes():
     assert ((got > 0) == (shares > 0)).all()
 
 
+def test_a_sparser_exact_solution_replaces_a_dense_one_from_nnls():
+    """Two codes make the sketch, but nnls's active set ends on an exact solution with 6 of 12 codes (more than
+    half the 6 dimensions: not necessarily the sparsest). Decoding finds the 2 planted categories (the minimum-sum
+    exact solution), as it must for UserBehavior's users whose 10 categories nnls spread over ~60 codes."""
+    rng = np.random.default_rng(25)
+    codes = rng.standard_normal((12, 6))
+    codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+    want = np.r_[0.6, 0.4, np.zeros(10)]
+    sketch = want @ codes
+    dense = decode.nnls(codes.T, sketch)[0]
+    assert np.count_nonzero(dense > 1e-9) > 3                       # the premise: nnls alone gets it wrong
+    assert np.allclose(decode.shares(sketch[None], codes)[0], want, atol=1e-6)
+
+
+def test_decoding_never_returns_more_weights_than_nnls_and_stays_exact():
+    rng = np.random.default_rng(0)
+    replaced = 0
+    for _ in range(60):
+        codes = rng.standard_normal((12, 6))
+        codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+        w = np.zeros(12)
+        w[rng.choice(12, 2, replace=False)] = rng.uniform(0.1, 1.0, 2)
+        sketch = w @ codes
+        got = decode.shares(sketch[None], codes)[0]
+        plain = decode.nnls(codes.T, sketch)[0]
+        plain /= plain.sum()
+        assert np.count_nonzero(got) <= np.count_nonzero(plain > 1e-9)
+        scale = np.linalg.norm(sketch) / np.linalg.norm(got @ codes)
+        assert np.allclose(scale * got @ codes, sketch, atol=1e-6)   # still a combination that makes the sketch
+        replaced += np.count_nonzero(got) < np.count_nonzero(plain > 1e-9)
+    assert replaced > 0
+
+
 def test_worker_processes_give_the_same_shares(monkeypatch):
     vectors, codes, want = planted(n_users=40, seed=3)
     vectors[5] = 0.0                                                 # a user with no events stays all-zero
