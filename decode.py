@@ -10,15 +10,15 @@ heaviest categories only (10 by default; 0: all). That is a non-negative combina
 so non-negative least squares over the codes recovers each category's pooled weight - exactly while the
 categories in the sketch are few for the half's size (64 floats carry 10 of them; with every recent category
 in the sketch, UserBehavior's users have 18 in the median, and decoding blurs), approximately beyond. Where the
-least-squares solution uses more than half the dimensions, the sketch may have several exact solutions, and the
-sparsest is the user's: a linear programme looks for it (see _sparser). A dot product with the codes (cosine
-scoring) can only blur those weights: `quality.py --capacity` measures both.
+least-squares solution uses more codes than the sketch holds (`max_categories`) and than half the dimensions, the
+sketch has another exact solution, the user's: a linear programme looks for it (see _sparser). A dot product with
+the codes (cosine scoring) can only blur those weights: `quality.py --capacity` measures both.
 
     import decode, model_io
     model, vocab, _ = model_io.load_model('saved_models')
     user_ids, vectors, _ = model_io.load_vectors('saved_models')     # or vectors read from Redis
     codes = decode.category_codes(model)                     # once per model: (categories, model.cfg.category_size)
-    shares = decode.category_weights(vectors, codes)          # (users, categories), rows sum to 1
+    shares = decode.category_weights(vectors, codes, max_categories=model.cfg.category_top)   # (users, categories)
     top = vocab.categories[shares[0].argsort()[::-1][:10]]   # user 0's 10 heaviest raw category ids
 
 Column j of `codes` / `shares` is vocabulary index j + 2 (0 is padding, 1 the unknown category), i.e. the raw
@@ -80,15 +80,17 @@ def category_codes(model) -> np.ndarray:
     return category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64)
 
 
-def category_weights(vectors: np.ndarray, codes: np.ndarray, *, workers: int = 1, progress: bool = False,
-                     desc: str = 'decoding categories') -> np.ndarray:
+def category_weights(vectors: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, workers: int = 1,
+                     progress: bool = False, desc: str = 'decoding categories') -> np.ndarray:
     """(N, C) each user's category shares decoded from vectors (N, hidden_dim) with codes (C, d), d the size of
-    the category half: `shares` of the vectors' last d entries (workers, progress, desc: as there)."""
+    the category half: `shares` of the vectors' last d entries (max_categories, workers, progress, desc: as there;
+    pass the model's cfg.category_top as max_categories)."""
     vectors, d = np.asarray(vectors), np.shape(codes)[-1]
     if vectors.shape[-1] <= d:
         raise ValueError(f'vectors have {vectors.shape[-1]} floats: too few for a {d}-float category half '
                          f'beside an item half')
-    return shares(category_half(vectors, d), codes, workers=workers, progress=progress, desc=desc)
+    return shares(category_half(vectors, d), codes, max_categories=max_categories, workers=workers,
+                  progress=progress, desc=desc)
 
 
 def default_workers() -> int:
@@ -100,14 +102,14 @@ def default_workers() -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
-def _solve(a: np.ndarray, ys: np.ndarray, floor: float = DROP) -> np.ndarray:
+def _solve(a: np.ndarray, ys: np.ndarray, floor: float = DROP, max_categories: int = 0) -> np.ndarray:
     """(len(ys), C) a non-negative solution w of a @ w = y for each row y of ys (len(ys) >= 1): the least-squares one
-    (nnls), or a sparser exact one where nnls's may not be the sparsest (see _sparser); weights under floor x the
-    row's largest are 0."""
+    (nnls), or, where it has more weights than max_categories (when given) and than half the rank of a, a sparser
+    exact one if there is one (see _sparser); weights under floor x the row's largest are 0."""
     out = []
     for y in ys:
         w = _above(nnls(a, y, maxiter=20 * a.shape[1])[0], floor)
-        if np.count_nonzero(w) > a.shape[0] // 2:
+        if max_categories and np.count_nonzero(w) > max(max_categories, a.shape[0] // 2):
             w = _sparser(a, y, w, floor)
         out.append(w)
     return np.stack(out)
@@ -135,19 +137,23 @@ def _sparser(a: np.ndarray, y: np.ndarray, w: np.ndarray, floor: float) -> np.nd
     return x if np.count_nonzero(x) < np.count_nonzero(w) else w
 
 
-def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progress: bool = False,
-           desc: str = 'decoding categories') -> np.ndarray:
+def shares(sketches: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, workers: int = 1,
+           progress: bool = False, desc: str = 'decoding categories') -> np.ndarray:
     """(N, C) the non-negative least-squares solution w of codes.T @ w = sketch for each of sketches (N, d),
     codes (C, d), scaled to sum 1 (all-zero for an all-zero sketch: a user with no events). Exact when the
-    sketch is a non-negative combination of few enough codes; otherwise the closest such combination. Where that
-    solution has more weights than half the codes' rank, the minimum-sum exact solution replaces it when it has
-    fewer (_sparser). Weights under the float noise floor (see ROUNDOFF) are 0: categories the user does not have
-    tie there.
+    sketch is a non-negative combination of few enough codes; otherwise the closest such combination. Weights under
+    the float noise floor (see ROUNDOFF) are 0: categories the user does not have tie there.
+
+    max_categories: the most categories a sketch holds (the model's cfg.category_top; 0: not known). Where the
+    solution has more weights than that and than half the codes' rank, it is not the user's, and the minimum-sum
+    exact solution replaces it when it has fewer (_sparser).
 
     One solve per sketch: ~2 ms with 448 categories, ~35 ms with UserBehavior's 2,758 (learned codes), more with
-    more; a linear programme (~0.2 s with 2,758) for the 2-5% of UserBehavior users whose solution is dense. workers > 1 spreads them over that many processes (default_workers(): the CPUs, at most MAX_WORKERS)
-    when there are at least PARALLEL_MIN_WORK sketches x categories; the result does not depend on it. The
-    workers are spawned, so a script that calls this with workers > 1 needs the `if __name__ == '__main__':`
+    more; with max_categories, a linear programme (~0.2 s with 2,758) for each sketch whose solution is too dense
+    (2-5% of UserBehavior's users at the defaults). Without it, sketches of more categories than half the rank
+    (e.g. a model without category_top) would almost all take that second solve. workers > 1 spreads them over
+    that many processes (default_workers(): the CPUs, at most MAX_WORKERS) when there are at least
+    PARALLEL_MIN_WORK sketches x categories; the result does not depend on it. The workers are spawned, so a script that calls this with workers > 1 needs the `if __name__ == '__main__':`
     guard (a notebook does not). progress: a progress bar over the sketches, labelled desc."""
     if workers < 1:
         raise ValueError(f'workers must be >= 1, got {workers}')
@@ -172,7 +178,7 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
                 for chunk, solved in zip(chunks, pool.map(_solve, [a] * len(chunks), [ys[c] for c in chunks],
-                                                          [floor] * len(chunks))):
+                                                          [floor] * len(chunks), [max_categories] * len(chunks))):
                     out[chunk] = solved
                     bar.update(len(chunk))
         except (BrokenProcessPool, OSError) as e:   # e.g. no way to start processes here: the same, slower
@@ -181,7 +187,7 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, workers: int = 1, progres
             in_workers = False
     if not in_workers:
         for i in rows:
-            out[i] = _solve(a, ys[i:i + 1], floor)[0]
+            out[i] = _solve(a, ys[i:i + 1], floor, max_categories)[0]
             bar.update(1)
     bar.close()
     total = out.sum(1, keepdims=True)

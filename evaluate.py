@@ -549,8 +549,10 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
                                               cands[kind]['vectors']['mean_emb'][1])
     # models whose category half is the pool alone score categories by decoding it (decode.py), not by cosine
     decoded = {name: decode.category_weights(user_vectors[name],
-                                             decode.category_half(cands['category']['vectors'][name][1], m.cfg.category_size),
-                                             workers=decode_workers, progress=progress, desc=f'decoding {name}')
+                                             decode.category_half(cands['category']['vectors'][name][1],
+                                                                  m.cfg.category_size),
+                                             max_categories=getattr(m.cfg, 'category_top', 0), workers=decode_workers,
+                                             progress=progress, desc=f'decoding {name}')
                for name, m in base_models.items() if getattr(m.cfg, 'exact_categories', False)}
     context = {'cands': cands, 'target': target, 'users': nd_users, 'user_vectors': user_vectors, 'decoded': decoded,
                'user_freq': _user_freq_fn(seqs, nd_users, cands, cutoff, n_max)}
