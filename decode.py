@@ -11,7 +11,7 @@ so non-negative least squares over the codes recovers each category's pooled wei
 categories in the sketch are few for the half's size (64 floats carry 10 of them; with every recent category
 in the sketch, UserBehavior's users have 18 in the median, and decoding blurs), approximately beyond. Where the
 least-squares solution uses more codes than the sketch holds (`max_categories`) and than half the dimensions, the
-sketch has another exact solution, the user's: a linear programme looks for it (see _sparser). A dot product with
+sketch has another exact solution, the user's: a search for it follows (see _sparsest, _sparser). A dot product with
 the codes (cosine scoring) can only blur those weights: `quality.py --capacity` measures both.
 
     import decode, model_io
@@ -48,6 +48,10 @@ FIRST = 2           # vocabulary index of the first real category (0: padding, 1
 DROP = 1e-6
 ROUNDOFF = 2.0 ** -24
 ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder equal weights
+# a sketch of few categories decoded densely: a beam of BEAM supports searches for an exact one (residual under EXACT
+# of the sketch; float32 rounding leaves ~2e-7 on UserBehavior's users), see _sparsest
+BEAM = 10
+EXACT = 1e-5
 SPAN = 1e-4         # directions where the codes' singular value is below this share of the largest do not count
 # below this many sketches x categories (~10 s of solving) everything is solved in this process: a worker's start-up
 # (a fresh interpreter that imports the calling script's modules, e.g. torch: 1-3 s) would cost more than it saves
@@ -104,15 +108,48 @@ def default_workers() -> int:
 
 def _solve(a: np.ndarray, ys: np.ndarray, floor: float = DROP, max_categories: int = 0) -> np.ndarray:
     """(len(ys), C) a non-negative solution w of a @ w = y for each row y of ys (len(ys) >= 1): the least-squares one
-    (nnls), or, where it has more weights than max_categories (when given) and than half the rank of a, a sparser
-    exact one if there is one (see _sparser); weights under floor x the row's largest are 0."""
+    (nnls), or, where it has more weights than max_categories (when given) and than half the rank of a, an exact one
+    of at most max_categories columns (_sparsest), else the minimum-sum exact one if it has fewer weights (_sparser);
+    weights under floor x the row's largest are 0."""
     out = []
     for y in ys:
         w = _above(nnls(a, y, maxiter=20 * a.shape[1])[0], floor)
         if max_categories and np.count_nonzero(w) > max(max_categories, a.shape[0] // 2):
-            w = _sparser(a, y, w, floor)
+            x = _sparsest(a, y, max_categories)
+            w = _above(x, floor) if x is not None else _sparser(a, y, w, floor)
         out.append(w)
     return np.stack(out)
+
+
+def _sparsest(a: np.ndarray, y: np.ndarray, k: int, width: int = BEAM) -> np.ndarray | None:
+    """An exact non-negative combination of at most k columns of a (residual under EXACT x |y|), or None when the
+    search finds none. A beam search over supports: each step grows each of the `width` supports with the smallest
+    residuals by one of the `width` columns most correlated with its residual. Where k <= rank / 2 such a
+    combination is the only one (codes in general position), so whatever it finds is the user's."""
+    limit = EXACT * np.linalg.norm(y)
+    beams: dict[tuple, np.ndarray] = {(): y}                    # support -> its residual
+    for _ in range(k):
+        grown: dict[tuple, tuple[float, np.ndarray]] = {}
+        for support, residual in beams.items():
+            corr = a.T @ residual
+            corr[list(support)] = -np.inf
+            for j in np.argsort(-corr)[:width]:
+                wider = tuple(sorted(support + (int(j),)))
+                if corr[j] <= 0 or wider in grown:
+                    continue
+                z, norm = nnls(a[:, wider], y)
+                if (z <= 0).any():                                # a column that does not help
+                    continue
+                if norm <= limit:
+                    x = np.zeros(a.shape[1])
+                    x[list(wider)] = z
+                    return x
+                grown[wider] = (norm, y - a[:, wider] @ z)
+        if not grown:
+            return None
+        best = sorted(grown, key=lambda support: grown[support][0])[:width]
+        beams = {support: grown[support][1] for support in best}
+    return None
 
 
 def _above(w: np.ndarray, floor: float) -> np.ndarray:
@@ -145,12 +182,13 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, 
     the float noise floor (see ROUNDOFF) are 0: categories the user does not have tie there.
 
     max_categories: the most categories a sketch holds (the model's cfg.category_top; 0: not known). Where the
-    solution has more weights than that and than half the codes' rank, it is not the user's, and the minimum-sum
-    exact solution replaces it when it has fewer (_sparser).
+    solution has more weights than that and than half the codes' rank, it is not the user's: a beam search looks for
+    an exact combination of at most max_categories codes (_sparsest; the only one there is), and failing that the
+    minimum-sum exact solution replaces it when it has fewer weights (_sparser).
 
     One solve per sketch: ~2 ms with 448 categories, ~35 ms with UserBehavior's 2,758 (learned codes), more with
-    more; with max_categories, a linear programme (~0.2 s with 2,758) for each sketch whose solution is too dense
-    (2-5% of UserBehavior's users at the defaults). Without it, sketches of more categories than half the rank
+    more; with max_categories, the search (and at times a linear programme, ~0.2 s with 2,758) for each sketch whose
+    solution is too dense (2-5% of UserBehavior's users at the defaults). Without it, sketches of more categories than half the rank
     (e.g. a model without category_top) would almost all take that second solve. workers > 1 spreads them over
     that many processes (default_workers(): the CPUs, at most MAX_WORKERS) when there are at least
     PARALLEL_MIN_WORK sketches x categories; the result does not depend on it. The workers are spawned, so a script that calls this with workers > 1 needs the `if __name__ == '__main__':`

@@ -168,10 +168,16 @@ def test_tiny_real_shares_survive_well_conditioned_codes():
     assert ((got > 0) == (shares > 0)).all()
 
 
-def test_a_sparser_exact_solution_replaces_a_dense_one_from_nnls():
+@pytest.mark.parametrize('search', ['beam', 'linear programme'])
+def test_a_sparser_exact_solution_replaces_a_dense_one_from_nnls(monkeypatch, search):
     """Two codes make the sketch, but nnls's active set ends on an exact solution with 6 of 12 codes (more than
-    half the 6 dimensions: not necessarily the sparsest). Decoding finds the 2 planted categories (the minimum-sum
-    exact solution), as it must for UserBehavior's users whose 10 categories nnls spread over ~60 codes."""
+    half the 6 dimensions: not necessarily the sparsest). Decoding finds the 2 planted categories, as it must for
+    UserBehavior's users whose 10 categories nnls spread over ~60 codes: the beam search over supports of at most
+    max_categories codes finds them, and so does the linear programme it falls back on (each tried alone)."""
+    if search == 'beam':
+        monkeypatch.setattr(decode, '_sparser', lambda a, y, w, floor: w)
+    else:
+        monkeypatch.setattr(decode, '_sparsest', lambda a, y, k: None)
     rng = np.random.default_rng(25)
     codes = rng.standard_normal((12, 6))
     codes /= np.linalg.norm(codes, axis=1, keepdims=True)
