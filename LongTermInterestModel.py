@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,6 +86,13 @@ class ModelConfig:
             squares recovers a sketch of few codes exactly, so the decoded ranking of those categories is exact
             (`decode.py`), where a sketch of every recent category (UserBehavior: 18 in the median) blurs in 64
             floats. 0 = every category.
+        category_idf: with skip_pool, > 0 weighs each event in the category half's pool by its category's
+            inverse document frequency over the training users, to this power (`FeatureEmbedding.category_scale`,
+            set once from the training log by `set_category_frequencies` and saved with the weights): categories
+            nearly every user has (the popular ones) say little about who a user is, so two users' category
+            halves then match on the categories that set them apart (TF-IDF). The heaviest `category_top`
+            categories are still chosen by the plain weights, and `decode.py` divides the scale back out, so the
+            decoded shares are unchanged. 0 = no weighting (what models saved before it have).
         item_category_weight: with target_head, how much an item candidate's category half counts, relative to
             its item half, when `candidate_vectors` scores items (category candidates, item = unknown, are
             unchanged). 1 = the target vector as trained; below 1 the user's recent categories (the recency-
@@ -121,6 +129,7 @@ class ModelConfig:
     fixed_category_codes: bool = False
     category_half_life: float = 0.0
     category_top: int = 0
+    category_idf: float = 0.0
     item_category_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -144,6 +153,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.category_half_life must be >= 0 (0: no recency prior), got {self.category_half_life}")
         if self.category_top < 0:
             raise ValueError(f"ModelConfig.category_top must be >= 0 (0: every category), got {self.category_top}")
+        if not self.category_idf >= 0:
+            raise ValueError(f"ModelConfig.category_idf must be >= 0 (0: no weighting), got {self.category_idf}")
+        if self.category_idf and not self.skip_pool:
+            raise ValueError("ModelConfig.category_idf weighs the category half's pool: it needs skip_pool")
         if not self.item_category_weight >= 0:
             raise ValueError(f"ModelConfig.item_category_weight must be >= 0 (0: item half alone), got {self.item_category_weight}")
         if self.fixed_category_codes and not self.target_head:
@@ -203,6 +216,9 @@ class FeatureEmbedding(nn.Module):
                 self.register_buffer('category_code', codes)
             else:
                 nn.init.orthogonal_(self.target_category.weight)
+        if cfg.category_idf:
+            # a buffer: a statistic of the training log, saved with the weights so vectors of a later log match
+            self.register_buffer('category_scale', torch.ones(cfg.n_categories))
         self.dropout = nn.Dropout(cfg.dropout)
         for emb in (self.item, self.category, self.weekday, self.hour, self.weekend, self.behavior):
             nn.init.normal_(emb.weight, std=0.02)
@@ -221,6 +237,24 @@ class FeatureEmbedding(nn.Module):
             parts += context
         x = _dropout(self.norm(self.proj(torch.cat(parts, dim=-1))), self.dropout.p, self.training)   # (B, L, width)
         return x * mask.unsqueeze(-1).to(x.dtype)
+
+    @torch.no_grad()
+    def set_category_frequencies(self, users_with: np.ndarray, n_users: int) -> None:
+        """With cfg.category_idf: category_scale = (ln((1 + n_users) / (1 + users_with)) + 1) ** cfg.category_idf,
+        users_with (n_categories,) the number of training users who have each category (a smoothed IDF, >= 1,
+        so no category drops out of the pool)."""
+        if not self.cfg.category_idf:
+            raise ValueError('set_category_frequencies needs ModelConfig.category_idf > 0')
+        users_with = np.asarray(users_with, np.float64)
+        if users_with.shape != (self.cfg.n_categories,) or n_users < 0 or (users_with < 0).any():
+            raise ValueError(f'users_with must be {self.cfg.n_categories} non-negative counts, got shape '
+                             f'{users_with.shape}')
+        idf = (np.log((1.0 + n_users) / (1.0 + users_with)) + 1.0) ** self.cfg.category_idf
+        self.category_scale.copy_(torch.from_numpy(idf))
+
+    def category_weight(self, category: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, L) each event's weight in the category half's pool (category_scale), or None without category_idf."""
+        return self.category_scale[category] if self.cfg.category_idf else None
 
     def target(self, item: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """Unit vectors (..., hidden_dim) of (item, category) pairs in the user-vector space: the events a
@@ -346,13 +380,15 @@ class InterestTower(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                known: Optional[torch.Tensor] = None, categories: Optional[torch.Tensor] = None) -> torch.Tensor:
+                known: Optional[torch.Tensor] = None, categories: Optional[torch.Tensor] = None,
+                category_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, width), mask (B, L) bool (right-padded) -> (B, hidden_dim) unit vectors.
 
         targets (B, L, hidden_dim): the events' target vectors (FeatureEmbedding.target), pooled into the
         output when cfg.skip_pool; known (B, L) bool: events whose item is known (not the shared unknown
         row, which identifies nobody), the only ones pooled into the item half (default: all real events);
-        categories (B, L) int64: the events' category ids, needed with cfg.category_top.
+        categories (B, L) int64: the events' category ids, needed with cfg.category_top; category_weight (B, L):
+        each event's weight in the category half's pool after the heaviest categories are chosen (category_idf).
         Padding never changes the result: padded keys are masked out of attention (the [CLS] key never
         is, so no row is empty), recency depends only on the number of real events, and pooling reads
         only [CLS] or the real positions.
@@ -361,8 +397,8 @@ class InterestTower(nn.Module):
         mask = mask.to(torch.bool)
         n = mask.sum(1, keepdim=True)                                        # (B, 1) real events
         recency = (n - 1 - torch.arange(l, device=x.device)).clamp(0, self.cfg.max_positions - 1)   # (B, L)
-        skip = self._pool(targets, recency, mask, mask if known is None else known & mask, categories) \
-            if self.cfg.skip_pool else None                                 # (B, hidden_dim)
+        skip = self._pool(targets, recency, mask, mask if known is None else known & mask, categories,
+                          category_weight) if self.cfg.skip_pool else None                                 # (B, hidden_dim)
         x = (x + self.recency(recency)) * mask.unsqueeze(-1).to(x.dtype)
         x = torch.cat([self.cls.expand(b, 1, -1).to(x.dtype), x], dim=1)    # (B, 1+L, width)
         keys = F.pad(mask, (1, 0), value=True)                               # (B, 1+L)
@@ -383,21 +419,24 @@ class InterestTower(nn.Module):
         return F.normalize(v if skip is None else v + skip, dim=-1)
 
     def _pool(self, targets: Optional[torch.Tensor], recency: torch.Tensor, mask: torch.Tensor,
-              known: torch.Tensor, categories: Optional[torch.Tensor] = None) -> torch.Tensor:
+              known: torch.Tensor, categories: Optional[torch.Tensor] = None,
+              category_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Softmax-over-recency weighted means of the target vectors' item halves (events with known items)
         and category halves (every real event; with cfg.category_top only the events of the user's heaviest
-        categories), each normalised: (B, hidden_dim), norm <= 1."""
+        categories; each times its category_weight when given), each normalised: (B, hidden_dim), norm <= 1."""
         if targets is None:
             raise ValueError("InterestTower with skip_pool needs the events' target vectors")
         logit = self.pool_logit(recency).squeeze(-1).float()                # (B, L)
         cat_logit = logit - math.log(2) / self.cfg.category_half_life * recency if self.cfg.category_half_life else logit
         split = self.cfg.item_size
         halves = []
-        for part, m, lg, top in ((targets[..., :split], known, logit, 0),
-                                 (targets[..., split:], mask, cat_logit, self.cfg.category_top)):
+        for part, m, lg, top, scale in ((targets[..., :split], known, logit, 0, None),
+                                        (targets[..., split:], mask, cat_logit, self.cfg.category_top, category_weight)):
             w = torch.softmax(lg.masked_fill(~m, float('-inf')), dim=-1).nan_to_num(0.0)   # no events: 0
             if top:
                 w = w * self._top_categories(w, categories)
+            if scale is not None:
+                w = w * scale.to(w.dtype)
             halves.append(F.normalize(torch.einsum('bl,bld->bd', w.to(part.dtype), part), dim=-1))
         return torch.cat(halves, dim=-1) * 2 ** -0.5
 
@@ -532,7 +571,8 @@ class LongTermInterestModel(nn.Module):
         x = self.moe_layer(fe(batch), mask)
         targets = fe.target(batch['item'], batch['category']) if self.cfg.skip_pool else None
         known = batch['item'] > UNKNOWN_ITEM
-        return (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known, batch['category'])
+        return (self.long_term if tower == 'long' else self.short_term)(x, mask, targets, known, batch['category'],
+                                                                       fe.category_weight(batch['category']))
 
     def candidate_vectors(self, batch: dict) -> torch.Tensor:
         """(C, hidden_dim) vectors of one-event candidate sequences (C, 1) to rank against long vectors:
@@ -569,7 +609,7 @@ class LongTermInterestModel(nn.Module):
         vectors = []
         for tower, b, m, x in zip((self.long_term, self.short_term), batches, masks, xs):
             targets = fe.target(b['item'], b['category']) if self.cfg.skip_pool else None
-            vectors.append(tower(x, m, targets, b['item'] > UNKNOWN_ITEM, b['category']))
+            vectors.append(tower(x, m, targets, b['item'] > UNKNOWN_ITEM, b['category'], fe.category_weight(b['category'])))
         return vectors[0], vectors[1], cands
 
     def param_groups(self) -> tuple[list, list]:

@@ -52,6 +52,7 @@ ROUND = 9           # shares are rounded to 1e-9, so float noise cannot reorder 
 # of the sketch; float32 rounding leaves ~2e-7 on UserBehavior's users), see _sparsest
 BEAM = 10
 EXACT = 1e-5
+UNEQUAL = 1e-4      # codes whose lengths differ by more than this share are solved at one length (see shares)
 SPAN = 1e-4         # directions where the codes' singular value is below this share of the largest do not count
 # below this many sketches x categories (~10 s of solving) everything is solved in this process: a worker's start-up
 # (a fresh interpreter that imports the calling script's modules, e.g. torch: 1-3 s) would cost more than it saves
@@ -81,7 +82,18 @@ def category_codes(model) -> np.ndarray:
     index = torch.arange(FIRST, cfg.n_categories, device=fe.category.weight.device)
     with torch.no_grad():
         target = fe.target(torch.ones_like(index), index)                  # item 1: the unknown item
-    return category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64)
+    codes = category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64)
+    scale = category_scale(model)
+    return codes if scale is None else codes * scale[:, None]
+
+
+def category_scale(model) -> np.ndarray | None:
+    """(n_categories - 2,) float64: the weight the model's pool gives each real category's events (its
+    ModelConfig.category_idf weighting), or None for models without one. The codes the pool sums are the
+    category half of the target vectors times it; `category_codes` returns them so."""
+    if not getattr(model.cfg, 'category_idf', 0.0):
+        return None
+    return model.feature_embedding.category_scale[FIRST:].detach().double().cpu().numpy()
 
 
 def category_weights(vectors: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, workers: int = 1,
@@ -199,6 +211,15 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, 
     codes = np.asarray(codes, np.float64)
     if sketches.shape[-1] != codes.shape[-1]:
         raise ValueError(f'vectors have a {sketches.shape[-1]}-float category half, codes {codes.shape[-1]} floats')
+    # codes of different lengths (a model with category_idf: the pool weighs each category's events by its scale)
+    # are solved for at one length and the scale divided back out, so the shares are the users' plain ones and the
+    # floors below act as they do for equal codes
+    norms = np.linalg.norm(codes, axis=1)
+    scale = np.where(norms > 0, norms / max(norms.max(initial=0.0), np.finfo(np.float64).tiny), 1.0)
+    if np.abs(scale - 1.0).max(initial=0.0) > UNEQUAL:
+        codes = codes / scale[:, None]
+    else:                   # unit codes up to float32 rounding: solved as they are
+        scale = np.ones(len(codes))
     # solve inside the span of the codes: an untrained model's codes, for one, span only d - 1 directions (the
     # LayerNorm before the projection centres them), and float32 noise off that span would need huge weights
     u, sv, _ = np.linalg.svd(codes.T, full_matrices=False)
@@ -228,5 +249,6 @@ def shares(sketches: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, 
             out[i] = _solve(a, ys[i:i + 1], floor, max_categories)[0]
             bar.update(1)
     bar.close()
+    out /= scale
     total = out.sum(1, keepdims=True)
     return np.round(np.divide(out, total, out=np.zeros_like(out), where=total > 0), ROUND)

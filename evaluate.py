@@ -216,11 +216,20 @@ def encode_batch(model, batch: dict, tower: str, device, batch_size: int) -> np.
 
 
 def random_init_model(model: LongTermInterestModel, seed: int, device) -> LongTermInterestModel:
-    """The same architecture with fresh weights from a fixed seed; the global RNG is left untouched."""
+    """The same architecture with fresh weights from a fixed seed (and the model's statistics of its training
+    log: the category_idf scale); the global RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = LongTermInterestModel(model.cfg, model.moe_cfg)
+    if getattr(model.cfg, 'category_idf', 0.0):
+        with torch.no_grad():
+            fresh.feature_embedding.category_scale.copy_(model.feature_embedding.category_scale)
     return fresh.to(device).eval()
+
+
+def _scaled(codes: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Category codes as the model's pool sums them: times its category scale (decode.category_scale) if any."""
+    return codes if scale is None else np.asarray(codes, np.float64) * scale[:, None]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -549,8 +558,8 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
                                               cands[kind]['vectors']['mean_emb'][1])
     # models whose category half is the pool alone score categories by decoding it (decode.py), not by cosine
     decoded = {name: decode.category_weights(user_vectors[name],
-                                             decode.category_half(cands['category']['vectors'][name][1],
-                                                                  m.cfg.category_size),
+                                             _scaled(decode.category_half(cands['category']['vectors'][name][1],
+                                                                          m.cfg.category_size), decode.category_scale(m)),
                                              max_categories=getattr(m.cfg, 'category_top', 0), workers=decode_workers,
                                              progress=progress, desc=f'decoding {name}')
                for name, m in base_models.items() if getattr(m.cfg, 'exact_categories', False)}

@@ -87,6 +87,7 @@ EXACT_CATEGORIES = True  # with SKIP_POOL: the vector's category half is the poo
 ITEM_CATEGORY_WEIGHT = 0.5  # scoring next-day items against a user vector: the item candidate's category half counts this much relative to its item half (1: as trained; README: chosen on training users)
 CATEGORY_HALF_LIFE = 30.0  # with SKIP_POOL: the category half's pool weighs an event this many events older than the last half as much (0: the learned recency weights alone)
 CATEGORY_TOP = 10  # with SKIP_POOL: only each user's this many heaviest categories enter the vector's category half, so decode.py recovers them exactly (0: every category)
+CATEGORY_IDF = 0.0  # with SKIP_POOL: each event counts in the category half by its category's IDF over the training users to this power (popular categories say little about who a user is; decoded shares are unchanged); 0: off
 FIXED_CATEGORY_CODES = False  # each category's code in the vector's category half is a fixed random unit vector, never trained (learned codes pull co-occurring categories together)
 # MoE
 MOE_EXPERTS = 100  # routed experts
@@ -125,19 +126,19 @@ CHECKS = {
     **dict.fromkeys(("demo_users", "min_item_count", "n_min", "n_max", "k_min", "k_max", "item_embedding_dim",
                      "category_embedding_dim", "width", "hidden_dim", "depth", "heads", "head_dim", "moe_experts",
                      "moe_activated", "moe_hidden", "epochs", "batch_size", "lr", "tau", "export_batch_size"), "> 0"),
-    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_dim", "category_half_life", "category_top", "item_category_weight"), ">= 0"),
+    **dict.fromkeys(("time_window_days", "moe_shared", "seed", "redis_ttl", "category_dim", "category_half_life", "category_top", "category_idf", "item_category_weight"), ">= 0"),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout"), "[0, 1)"),
 }
 # Every constant is in exactly one of these two lists (_constants() checks): the settings that define the model
 # and data, which a checkpoint only resumes with unchanged, and those a resumed or repeated run may change.
 RESUME_KEYS = ("data_path", "data_format", "strict", "dedupe", "time_window_days", "evaluate", "test_fraction", "min_item_count", "n_min", "n_max", "k_min", "k_max",
                "val_fraction", "item_embedding_dim", "category_embedding_dim", "width", "hidden_dim", "category_dim", "depth",
-               "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "category_half_life", "category_top", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
+               "heads", "head_dim", "dropout", "pooling", "skip_pool", "exact_categories", "fixed_category_codes", "category_half_life", "category_top", "category_idf", "random_cuts", "moe_experts", "moe_shared", "moe_activated",
                "moe_hidden", "moe_balance", "batch_size", "lr", "lr_schedule", "loss", "tau", "seed")
 RUN_ONLY = ("save_dir", "resume", "export_only", "republish", "demo_users", "cache", "rebuild_cache", "epochs", "device",
             "precision", "export_batch_size", "redis_url", "redis_prefix", "redis_format", "redis_layout", "redis_ttl",
             "item_category_weight", "no_redis", "progress")
-RESUME_SINCE = {"category_dim": 0, "exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0, "category_top": 0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
+RESUME_SINCE = {"category_dim": 0, "exact_categories": False, "fixed_category_codes": False, "category_half_life": 0.0, "category_top": 0, "category_idf": 0.0}  # RESUME_KEYS added later: the value a checkpoint without it was made with
 EXIT_REDIS = 3  # exit status when the vectors are on disk but Redis could not take them
 _RULE = "# " + "-" * 77 + "\n"  # the rules around the constants block
 
@@ -212,6 +213,11 @@ def run(cfg, ctx: distributed.Context, device: torch.device) -> int:
           + (f", {n_test} held out for evaluation" if cfg.evaluate else "") + f"; device {device}")
     # NCCL cannot all-reduce sparse gradients: on GPUs the item table is dense (and takes Adam)
     model = build_model(cfg, vocab, sparse_item_grad=ctx.backend != "nccl").to(device)
+    if model.cfg.category_idf:  # a statistic of the training users (every rank's, with own shards)
+        users_with = category_users(seqs, train_users, model.cfg.n_categories)
+        if own:
+            users_with = np.sum(distributed.gather_objects(users_with, ctx), axis=0)
+        model.feature_embedding.set_category_frequencies(users_with, n_train)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({model.feature_embedding.item.weight.numel() / 1e6:.2f}M "
           f"in the item table)")
@@ -497,11 +503,20 @@ def build_model(cfg, vocab, sparse_item_grad: bool = True):
                        fixed_category_codes=cfg.fixed_category_codes and target_head,
                        category_half_life=cfg.category_half_life if cfg.skip_pool else 0.0,
                        category_top=cfg.category_top if cfg.skip_pool else 0,
+                       category_idf=cfg.category_idf if cfg.skip_pool else 0.0,
                        item_category_weight=cfg.item_category_weight if target_head else 1.0)
     moe = MoEConfig(dim=cfg.width, n_routed_experts=cfg.moe_experts, n_shared_experts=cfg.moe_shared,
                     n_activated=cfg.moe_activated, hidden=cfg.moe_hidden, dropout=cfg.dropout,
                     balance=cfg.moe_balance)
     return LongTermInterestModel(mcfg, moe)
+
+
+def category_users(seqs, users: np.ndarray, n_categories: int) -> np.ndarray:
+    """(n_categories,) int64: how many of the users have each category among their events."""
+    starts, ends = seqs.part_bounds(np.asarray(users, np.int64), "all")
+    pos, owner = data.expand_ranges(starts, ends)
+    pairs = np.unique(owner.astype(np.int64) * n_categories + seqs.category[pos])
+    return np.bincount(pairs % n_categories, minlength=n_categories)
 
 
 def build_optimizers(model, lr: float):

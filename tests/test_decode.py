@@ -55,14 +55,14 @@ def test_zero_half_decodes_to_zero_and_sizes_must_match():
 
 
 def _model(exact: bool, category_dim: int = 32, fixed: bool = False, half_life: float = 0.0,
-           half: int = 0, top: int = 0) -> LongTermInterestModel:
+           half: int = 0, top: int = 0, idf: float = 0.0) -> LongTermInterestModel:
     """category_dim: the category embedding's size; half: ModelConfig.category_dim (0: 24 of the 48 floats)."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=30, n_categories=N_CATS, item_embedding_dim=16, category_embedding_dim=category_dim,
                       small_embedding_dim=4, width=16, depth=1, heads=2, head_dim=8, hidden_dim=48, category_dim=half,
                       dropout=0.0,
                       max_positions=16, exact_categories=exact, fixed_category_codes=fixed,
-                      category_half_life=half_life, category_top=top)
+                      category_half_life=half_life, category_top=top, category_idf=idf)
     model = LongTermInterestModel(cfg, MoEConfig(dim=16, n_routed_experts=4, n_activated=2, hidden=8, dropout=0.0))
     with torch.no_grad():   # a trained-looking [CLS] head: it writes into the vector (the item half only, if exact)
         model.long_term.head.weight.normal_(0, 0.1)
@@ -275,3 +275,50 @@ def test_category_top_keeps_only_each_users_heaviest_categories():
     assert np.allclose(item(alone), item(every), atol=1e-5)
     with pytest.raises(ValueError, match="needs the events' category ids"):
         model.long_term(x, b['mask'], t)
+
+
+def test_category_idf_weighs_rare_categories_and_decoding_divides_it_out():
+    rows = [[3, 3, 3, 5], [3, 3, 9, 9], [12], [3, 3, 3, 3, 3, 7]]
+    users_with = np.full(N_CATS, 2)
+    users_with[3] = 99                          # nearly every one of 100 training users has category 3
+    model = _model(exact=True, idf=1.0)
+    model.feature_embedding.set_category_frequencies(users_with, 100)
+    scale = decode.category_scale(model)
+    rare, common = np.log(101 / 3) + 1, np.log(101 / 100) + 1
+    assert np.allclose(scale[[0, 1, 3, 7]], [rare, common, rare, rare])
+    with torch.no_grad():
+        vectors = model.encode(_batch(rows), 'long').numpy()
+        plain = _model(exact=True).encode(_batch(rows), 'long').numpy()
+    counts = np.zeros((len(rows), N_CATS - 2))
+    for i, r in enumerate(rows):
+        for c in r:
+            counts[i, c - decode.FIRST] += 1.0
+    # the pool sums each event's code times its category's scale: decoded with the codes alone, that is what comes out
+    unit = decode.category_codes(model) / scale[:, None]
+    weighted = counts * scale
+    assert np.allclose(decode.category_weights(vectors, unit), weighted / weighted.sum(1, keepdims=True), atol=1e-4)
+    # the model's codes carry the scale, and decoding divides it back out: the plain shares
+    assert np.allclose(decode.category_weights(vectors, decode.category_codes(model)),
+                       counts / counts.sum(1, keepdims=True), atol=1e-4)
+    # user 1 (3, 3, 9, 9) is closer to a 9-only user than to a 3-only user once the common category counts less
+    half = lambda v: decode.category_half(v) / np.linalg.norm(decode.category_half(v), axis=1, keepdims=True)
+    with torch.no_grad():
+        only = model.encode(_batch([[3, 3], [9, 9]]), 'long').numpy()
+    assert half(vectors[1:2]) @ half(only[1:2]).T > half(vectors[1:2]) @ half(only[0:1]).T + 0.5
+    # the item half is pooled as without it
+    split = model.cfg.item_size
+    item = lambda v: v[:, :split] / np.linalg.norm(v[:, :split], axis=1, keepdims=True)
+    assert np.allclose(item(vectors), item(plain), atol=1e-5)
+    # the heaviest categories are chosen by the plain weights: 3 stays over 7 in user 3 however common it is
+    top1 = _model(exact=True, idf=1.0, top=1)
+    top1.feature_embedding.set_category_frequencies(users_with, 100)
+    with torch.no_grad():
+        v = top1.encode(_batch(rows[3:]), 'long').numpy()
+    got = decode.category_weights(v, decode.category_codes(top1), max_categories=1)
+    assert got[0, 3 - decode.FIRST] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="category_idf must be >= 0"):
+        ModelConfig(n_items=5, n_categories=5, category_idf=-1.0)
+    with pytest.raises(ValueError, match="needs ModelConfig.category_idf"):
+        _model(exact=True).feature_embedding.set_category_frequencies(users_with, 100)
+    with pytest.raises(ValueError, match="non-negative counts"):
+        model.feature_embedding.set_category_frequencies(users_with[:-1], 100)

@@ -153,6 +153,36 @@ def test_unreachable_redis_keeps_vectors_and_republish_completes(demo_log, tmp_p
         server.stop()
 
 
+def test_category_idf_is_counted_on_training_users_saved_and_reloaded(demo_log, tmp_path):
+    import data
+    import inference
+    assert train.main(["--data_path", str(demo_log), "--save_dir", str(tmp_path), "--no_redis", "--category_idf", "0.5",
+                       *TINY]) == 0
+    model, vocab, config = model_io.load_model(tmp_path)
+    assert config["model"]["category_idf"] == 0.5
+    events, _ = data.read_events(str(demo_log), progress=False)
+    history = data.split_last_day(events)[0]                  # what the run trained on
+    seqs = data.build_sequences(history, vocab)
+    run = types.SimpleNamespace(**{k: config["train"][k] for k in ("seed", "test_fraction", "val_fraction", "evaluate")})
+    users, val, test = train.split_users(seqs, run)
+    want = np.zeros(vocab.n_categories, np.int64)             # users per category, brute force
+    for u in users:
+        want[np.unique(seqs.category[seqs.offsets[u]:seqs.offsets[u + 1]])] += 1
+    assert np.array_equal(train.category_users(seqs, users, vocab.n_categories), want)
+    # the saved scale: the smoothed IDF over the training users alone (not the validation or held-out ones)
+    idf = np.log((1.0 + len(users)) / (1.0 + want)) + 1.0
+    assert len(val) and len(test)
+    np.testing.assert_allclose(model.feature_embedding.category_scale.numpy(), idf ** 0.5, rtol=1e-6)
+    # it travels with the weights: the reloaded model gives the exported vectors, and without it they differ
+    everyone = data.build_sequences(events, vocab)
+    exported = model_io.load_vectors(tmp_path)[1]
+    again = inference.compute_user_vectors(model, everyone, part="all", min_len=8, max_len=24, progress=False)
+    assert np.allclose(again, exported, atol=1e-5)
+    model.feature_embedding.category_scale.fill_(1.0)
+    plain = inference.compute_user_vectors(model, everyone, part="all", min_len=8, max_len=24, progress=False)
+    assert not np.allclose(plain, exported, atol=1e-3)
+
+
 def test_export_only_embeds_a_newer_log_with_the_saved_vocabulary(trained, tmp_path):
     save_dir, _ = trained
     newer = tmp_path / "newer.csv"
