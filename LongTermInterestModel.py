@@ -398,7 +398,7 @@ class InterestTower(nn.Module):
         n = mask.sum(1, keepdim=True)                                        # (B, 1) real events
         recency = (n - 1 - torch.arange(l, device=x.device)).clamp(0, self.cfg.max_positions - 1)   # (B, L)
         skip = self._pool(targets, recency, mask, mask if known is None else known & mask, categories,
-                          category_weight) if self.cfg.skip_pool else None                                 # (B, hidden_dim)
+                          category_weight) if self.cfg.skip_pool else None   # (B, hidden_dim)
         x = (x + self.recency(recency)) * mask.unsqueeze(-1).to(x.dtype)
         x = torch.cat([self.cls.expand(b, 1, -1).to(x.dtype), x], dim=1)    # (B, 1+L, width)
         keys = F.pad(mask, (1, 0), value=True)                               # (B, 1+L)

@@ -12,7 +12,9 @@ categories in the sketch are few for the half's size (64 floats carry 10 of them
 in the sketch, UserBehavior's users have 18 in the median, and decoding blurs), approximately beyond. Where the
 least-squares solution uses more codes than the sketch holds (`max_categories`) and than half the dimensions, the
 sketch has another exact solution, the user's: a search for it follows (see _sparsest, _sparser). A dot product with
-the codes (cosine scoring) can only blur those weights: `quality.py --capacity` measures both.
+the codes (cosine scoring) can only blur those weights: `quality.py --capacity` measures both. With
+`ModelConfig.category_idf` the pool also weighs each category's events by a scale (an IDF over the training users);
+`category_codes` returns the codes times it and `shares` divides it back out, so the shares are the plain ones.
 
     import decode, model_io
     model, vocab, _ = model_io.load_model('saved_models')

@@ -3,6 +3,7 @@ import io
 import math
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -98,13 +99,16 @@ def test_feature_embedding_zero_at_padding(tiny_model):
     assert torch.all(x[~b['mask']] == 0) and torch.all(x[b['mask']].abs().sum(-1) > 0)
 
 
-@pytest.mark.parametrize('pooling, feature_norm, skip_pool, half_life', [
-    ('cls', True, True, 0.0), ('mean', True, True, 0.0), ('cls', False, False, 0.0), ('cls', True, False, 0.0),
-    ('cls', True, True, 2.0)])
-def test_padding_does_not_change_a_users_vector(pooling, feature_norm, skip_pool, half_life):
+@pytest.mark.parametrize('pooling, feature_norm, skip_pool, half_life, idf', [
+    ('cls', True, True, 0.0, 0.0), ('mean', True, True, 0.0, 0.0), ('cls', False, False, 0.0, 0.0),
+    ('cls', True, False, 0.0, 0.0), ('cls', True, True, 2.0, 0.0), ('cls', True, True, 2.0, 0.5)])
+def test_padding_does_not_change_a_users_vector(pooling, feature_norm, skip_pool, half_life, idf):
     torch.manual_seed(1)
     model = LongTermInterestModel(tiny_cfg(pooling=pooling, feature_norm=feature_norm, skip_pool=skip_pool,
-                                           category_half_life=half_life), tiny_moe_cfg()).eval()
+                                           category_half_life=half_life, category_idf=idf), tiny_moe_cfg()).eval()
+    if idf:   # categories of very different weights in the pool
+        n = model.cfg.n_categories
+        model.feature_embedding.set_category_frequencies(np.random.default_rng(0).integers(0, 50, n), 50)
     for tower in (model.long_term, model.short_term):   # a trained [CLS] path, not the zero head it starts with
         torch.nn.init.normal_(tower.head.weight, std=0.1)
         if skip_pool:
