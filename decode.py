@@ -84,18 +84,22 @@ def category_codes(model) -> np.ndarray:
     index = torch.arange(FIRST, cfg.n_categories, device=fe.category.weight.device)
     with torch.no_grad():
         target = fe.target(torch.ones_like(index), index)                  # item 1: the unknown item
-    codes = category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64)
-    scale = category_scale(model)
-    return codes if scale is None else codes * scale[:, None]
+    return scaled(category_half(target.float().cpu().numpy(), cfg.category_size).astype(np.float64), model)
 
 
 def category_scale(model) -> np.ndarray | None:
     """(n_categories - 2,) float64: the weight the model's pool gives each real category's events (its
-    ModelConfig.category_idf weighting), or None for models without one. The codes the pool sums are the
-    category half of the target vectors times it; `category_codes` returns them so."""
+    ModelConfig.category_idf weighting), or None for models without one."""
     if not getattr(model.cfg, 'category_idf', 0.0):
         return None
     return model.feature_embedding.category_scale[FIRST:].detach().double().cpu().numpy()
+
+
+def scaled(codes: np.ndarray, model) -> np.ndarray:
+    """codes (n_categories - 2, d) of the model's real categories (the category half of their target vectors) as
+    its pool sums them: times category_scale, when the model has one."""
+    scale = category_scale(model)
+    return codes if scale is None else np.asarray(codes, np.float64) * scale[:, None]
 
 
 def category_weights(vectors: np.ndarray, codes: np.ndarray, *, max_categories: int = 0, workers: int = 1,

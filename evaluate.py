@@ -227,11 +227,6 @@ def random_init_model(model: LongTermInterestModel, seed: int, device) -> LongTe
     return fresh.to(device).eval()
 
 
-def _scaled(codes: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """Category codes as the model's pool sums them: times its category scale (decode.category_scale) if any."""
-    return codes if scale is None else np.asarray(codes, np.float64) * scale[:, None]
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -558,8 +553,8 @@ def evaluate(model: LongTermInterestModel, seqs: data.Sequences, target_events, 
                                               cands[kind]['vectors']['mean_emb'][1])
     # models whose category half is the pool alone score categories by decoding it (decode.py), not by cosine
     decoded = {name: decode.category_weights(user_vectors[name],
-                                             _scaled(decode.category_half(cands['category']['vectors'][name][1],
-                                                                          m.cfg.category_size), decode.category_scale(m)),
+                                             decode.scaled(decode.category_half(cands['category']['vectors'][name][1],
+                                                                               m.cfg.category_size), m),
                                              max_categories=getattr(m.cfg, 'category_top', 0), workers=decode_workers,
                                              progress=progress, desc=f'decoding {name}')
                for name, m in base_models.items() if getattr(m.cfg, 'exact_categories', False)}
