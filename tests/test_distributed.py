@@ -82,7 +82,7 @@ def test_two_ranks_train_the_same_model_as_one_process(runs):
 
 def test_category_idf_counts_every_ranks_training_users(runs, tmp_path):
     """With the event cache each rank holds only its own users: the IDF scale is still the one process's."""
-    flags = [f for f in FLAGS[:-2]] + ["--epochs", "1", "--no_redis", "--category_idf", "0.5"]
+    flags = FLAGS[:-2] + ["--epochs", "1", "--no_redis", "--category_idf", "0.5"]
     one, three = tmp_path / "one", tmp_path / "three"
     assert train.main(["--data_path", str(runs["log"]), "--save_dir", str(one), *flags]) == 0
     done = torchrun("--data_path", str(runs["log"]), "--save_dir", str(three), *flags, nproc=3)
